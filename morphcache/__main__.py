@@ -1,0 +1,5 @@
+import sys
+
+from morphcache.cli import main
+
+sys.exit(main())

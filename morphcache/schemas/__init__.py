@@ -1,0 +1,35 @@
+"""Validated, versioned metadata models (pydantic v2) with JSON round trip and JSON Schema export."""
+
+from morphcache.schemas.specs import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    N_VIEW_PARAMS,
+    SCHEMA_VERSION,
+    VIEW_FIELDS,
+    AugmentSpec,
+    RunConfig,
+    StoreSpec,
+    TeacherSpec,
+    ViewParams,
+)
+from morphcache.schemas.versioning import load_versioned, migrate, register_migration
+
+__all__ = [
+    "AugmentSpec",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "N_VIEW_PARAMS",
+    "RunConfig",
+    "SCHEMA_VERSION",
+    "StoreSpec",
+    "TeacherSpec",
+    "VIEW_FIELDS",
+    "ViewParams",
+    "load_versioned",
+    "migrate",
+    "register_migration",
+]
