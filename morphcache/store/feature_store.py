@@ -1,0 +1,416 @@
+"""The feature store: a zarr v3 group of teacher tokens, one row per augmented view (schema v1).
+
+Row ``r`` is view ``r % V`` of image ``r // V``. Arrays (see README "Store format"):
+
+=================  ==========  ========  =========================================================
+array              shape       dtype     notes
+=================  ==========  ========  =========================================================
+``tokens``         (R, T, D)   int8/f16  patch tokens, no CLS; one shard per work chunk, 1 row per inner chunk
+``scales``         (R, T)      float16   per-token absmax scale (int8 stores only)
+``pooled``         (R, Dp)     float16   teacher pooled / CLS embedding
+``views``          (R, P)      float32   ViewParams rows (columns ``VIEW_FIELDS``)
+``images/path``    (N,)        string    relative to ``spec.dataset_root``
+``images/hash``    (N,)        string    blake2b-128 of the source bytes
+``images/size``    (N, 2)      int32     source height, width
+``images/label``   (N,)        int32     -1 when unlabeled
+``images/status``  (N,)        uint8     0 ok, 255 pending, other codes = skip reason
+``progress``       (C,)        uint8     1 once chunk c is fully written (one file per chunk)
+``checksums``      (C,)        uint64    blake2b-64 of chunk c's token (+ scale) bytes
+=================  ==========  ========  =========================================================
+
+A work chunk ``c`` covers images ``[c*chunk_images, (c+1)*chunk_images)`` and their rows; a writer owns whole
+chunks (shards, status chunks, one progress/checksum file each), so writers on disjoint chunks never touch the
+same file. :meth:`FeatureStore.write_chunk` writes data, then the checksum, then ``progress[c] = 1``: a crash in
+between leaves the chunk missing, and resume redoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from morphcache import __version__
+from morphcache.errors import SpecMismatchError, StoreError
+from morphcache.schemas import N_VIEW_PARAMS, StoreSpec, load_versioned
+from morphcache.store.quantize import dequantize, dequantize_torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from morphcache.store.image_table import ImageTable
+
+ATTR_KEY = "morphcache"
+DATA_ARRAYS = ("tokens", "pooled", "views")
+IMAGE_ARRAYS = ("images/path", "images/hash", "images/size", "images/label", "images/status")
+
+
+def chunk_checksum(tokens: np.ndarray, scales: np.ndarray | None) -> int:
+    """blake2b-64 over the stored token bytes (and scales) of one chunk, as an unsigned int."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(tokens).tobytes())
+    if scales is not None:
+        h.update(np.ascontiguousarray(scales).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _token_codecs(dtype: str):
+    """Blosc/zstd with byte shuffle: cheap, and it still finds the little redundancy (mostly in scales)."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle" if dtype == "float16" else "noshuffle")]
+
+
+class FeatureStore:
+    """Open handle on a store. Use :meth:`create` or :meth:`open`, not the constructor."""
+
+    def __init__(self, path: Path, group, spec: StoreSpec, mode: str) -> None:
+        self.path = path
+        self.group = group
+        self.spec = spec
+        self.mode = mode
+        self._arrays: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ creation / opening
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike, spec: StoreSpec, images: "ImageTable", rows_per_inner_chunk: int = 1
+    ) -> "FeatureStore":
+        """Create a store for ``spec`` and write the image table; an identical existing store is opened instead.
+
+        An existing store with a different spec identity raises :class:`SpecMismatchError` naming the differing
+        fields; nothing is modified.
+        """
+        import zarr
+
+        path = Path(path)
+        if len(images) != spec.n_images:
+            raise StoreError(f"{path}: spec says {spec.n_images} images but the image table has {len(images)}")
+        if (path / "zarr.json").exists():
+            existing = cls.open(path, mode="a")
+            diff = existing.spec.diff(spec)
+            if diff:
+                raise SpecMismatchError(
+                    f"{path}: existing store was made with a different spec ({', '.join(diff)} differ); "
+                    "use another --out path or delete the store"
+                )
+            return existing
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists, is not empty and is not a zarr store; choose another path")
+        spec = spec.model_copy(update={"package_version": __version__})
+        root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        T, D, Dp = spec.n_tokens, spec.dim, spec.teacher.pooled_dim
+        R, N, C = spec.n_rows, spec.n_images, spec.n_chunks
+        rows = spec.chunk_rows
+        inner = max(1, min(rows_per_inner_chunk, rows))
+        if rows % inner:
+            raise StoreError(f"{path}: rows_per_inner_chunk={inner} must divide chunk rows {rows}")
+        root.create_array(
+            "tokens", shape=(R, T, D), dtype=spec.dtype, chunks=(inner, T, D), shards=(rows, T, D),
+            compressors=_token_codecs(spec.dtype), fill_value=0, dimension_names=("view", "token", "channel"),
+        )
+        if spec.dtype == "int8":
+            root.create_array(
+                "scales", shape=(R, T), dtype="float16", chunks=(inner, T), shards=(rows, T),
+                fill_value=0, dimension_names=("view", "token"),
+            )
+        root.create_array(
+            "pooled", shape=(R, Dp), dtype="float16", chunks=(rows, Dp), fill_value=0,
+            dimension_names=("view", "pooled_channel"),
+        )
+        root.create_array(
+            "views", shape=(R, N_VIEW_PARAMS), dtype="float32", chunks=(rows, N_VIEW_PARAMS), fill_value=0,
+            dimension_names=("view", "param"),
+        )
+        img = root.create_group("images")
+        ci = spec.chunk_images
+        img.create_array("path", shape=(N,), dtype=str, chunks=(max(N, 1),), dimension_names=("image",))
+        img.create_array("hash", shape=(N,), dtype=str, chunks=(max(N, 1),), dimension_names=("image",))
+        img.create_array("size", shape=(N, 2), dtype="int32", chunks=(max(N, 1), 2), dimension_names=("image", "hw"))
+        img.create_array("label", shape=(N,), dtype="int32", chunks=(max(N, 1),), dimension_names=("image",))
+        img.create_array("status", shape=(N,), dtype="uint8", chunks=(ci,), fill_value=255, dimension_names=("image",))
+        root.create_array("progress", shape=(C,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("chunk",))
+        root.create_array("checksums", shape=(C,), dtype="uint64", chunks=(1,), fill_value=0, dimension_names=("chunk",))
+        if N:
+            img["path"][:] = np.asarray(images.path, dtype=object).astype(str)
+            img["hash"][:] = np.asarray(images.hash, dtype=object).astype(str)
+            img["size"][:] = np.stack([images.height, images.width], axis=1).astype(np.int32)
+            img["label"][:] = np.asarray(images.label, dtype=np.int32)
+        # The spec goes in last: a store without it is recognisably incomplete and is refused by open().
+        root.attrs[ATTR_KEY] = json.loads(spec.model_dump_json())
+        return cls(path, root, spec, "a")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":
+        """Open an existing store for reading (``"r"``) or appending (``"a"``); refuses anything else clearly."""
+        import zarr
+
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if not path.exists():
+            raise StoreError(f"{path}: no such store; run `morphcache extract --out {path}` first")
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a zarr store (no zarr.json); pass the directory extract wrote")
+        try:
+            group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        except Exception as exc:  # zarr raises several types for broken metadata
+            raise StoreError(f"{path}: unreadable zarr metadata ({type(exc).__name__}: {exc})") from None
+        raw = group.attrs.get(ATTR_KEY)
+        if raw is None:
+            raise StoreError(f"{path}: zarr group has no '{ATTR_KEY}' spec; it was not made by morphcache (or creation was interrupted: delete it and re-run)")
+        spec = load_versioned(StoreSpec, dict(raw), source=str(path))
+        store = cls(path, group, spec, mode)
+        store._check_arrays()
+        return store
+
+    def _check_arrays(self) -> None:
+        spec = self.spec
+        expected = {
+            "tokens": (spec.n_rows, spec.n_tokens, spec.dim),
+            "pooled": (spec.n_rows, spec.teacher.pooled_dim),
+            "views": (spec.n_rows, N_VIEW_PARAMS),
+            "images/path": (spec.n_images,),
+            "images/hash": (spec.n_images,),
+            "images/size": (spec.n_images, 2),
+            "images/label": (spec.n_images,),
+            "images/status": (spec.n_images,),
+            "progress": (spec.n_chunks,),
+            "checksums": (spec.n_chunks,),
+        }
+        if spec.dtype == "int8":
+            expected["scales"] = (spec.n_rows, spec.n_tokens)
+        for name, shape in expected.items():
+            try:
+                arr = self.group[name]
+            except KeyError:
+                raise StoreError(f"{self.path}: truncated store, array '{name}' is missing; delete it and re-run extract") from None
+            if tuple(arr.shape) != shape:
+                raise StoreError(f"{self.path}: array '{name}' has shape {tuple(arr.shape)}, spec requires {shape}; the store is damaged")
+
+    # ------------------------------------------------------------------ geometry
+    def array(self, name: str):
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    @property
+    def n_rows(self) -> int:
+        return self.spec.n_rows
+
+    @property
+    def n_chunks(self) -> int:
+        return self.spec.n_chunks
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.spec.chunk_rows
+
+    def chunk_image_range(self, c: int) -> tuple[int, int]:
+        self._check_chunk(c)
+        ci = self.spec.chunk_images
+        return c * ci, min((c + 1) * ci, self.spec.n_images)
+
+    def chunk_row_range(self, c: int) -> tuple[int, int]:
+        a, b = self.chunk_image_range(c)
+        V = self.spec.views_per_image
+        return a * V, b * V
+
+    def _check_chunk(self, c: int) -> None:
+        if not (isinstance(c, (int, np.integer)) and 0 <= int(c) < self.n_chunks):
+            raise StoreError(f"{self.path}: chunk {c} is outside the store (valid: 0..{self.n_chunks - 1})")
+
+    # ------------------------------------------------------------------ writing
+    def write_chunk(
+        self, c: int, tokens: np.ndarray, pooled: np.ndarray, views: np.ndarray, status: np.ndarray
+    ) -> int:
+        """Write chunk ``c``: tokens (rows, T, D) float, pooled (rows, Dp), views (rows, P), status (images,).
+
+        Order: data arrays, then status, then the checksum, then ``progress[c] = 1``. Returns the checksum.
+        Rows of skipped images must already be zero in the inputs.
+        """
+        from morphcache.store.quantize import quantize
+
+        if self.mode != "a":
+            raise StoreError(f"{self.path}: opened read-only; open with mode='a' to write")
+        a, b = self.chunk_row_range(c)
+        ia, ib = self.chunk_image_range(c)
+        n, T, D = b - a, self.spec.n_tokens, self.spec.dim
+        shapes = {"tokens": (n, T, D), "pooled": (n, self.spec.teacher.pooled_dim), "views": (n, N_VIEW_PARAMS), "status": (ib - ia,)}
+        for name, arr in (("tokens", tokens), ("pooled", pooled), ("views", views), ("status", status)):
+            if tuple(np.shape(arr)) != shapes[name]:
+                raise StoreError(f"{self.path}: chunk {c} {name} has shape {tuple(np.shape(arr))}, expected {shapes[name]}")
+        tokens = np.asarray(tokens, dtype=np.float32)
+        if not np.isfinite(tokens).all():
+            raise StoreError(f"{self.path}: chunk {c} tokens contain NaN or inf; the teacher diverged (try --precision fp32)")
+        q, scales = quantize(tokens, self.spec.dtype)
+        self.array("tokens")[a:b] = q
+        if scales is not None:
+            self.array("scales")[a:b] = scales
+        self.array("pooled")[a:b] = np.asarray(pooled, dtype=np.float16)
+        self.array("views")[a:b] = np.asarray(views, dtype=np.float32)
+        self.array("images/status")[ia:ib] = np.asarray(status, dtype=np.uint8)
+        checksum = chunk_checksum(q, scales)
+        self.array("checksums")[c] = np.uint64(checksum)
+        self.array("progress")[c] = 1
+        return checksum
+
+    # ------------------------------------------------------------------ progress
+    def progress(self) -> np.ndarray:
+        """(C,) uint8, 1 where the chunk is complete."""
+        return np.asarray(self.array("progress")[:])
+
+    def missing_chunks(self) -> list[int]:
+        return [int(c) for c in np.flatnonzero(self.progress() == 0)]
+
+    def is_complete(self) -> bool:
+        return not self.missing_chunks()
+
+    # ------------------------------------------------------------------ reading
+    def _rows(self, rows) -> tuple[np.ndarray | slice, int]:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.n_rows)
+            if step == 1:
+                return slice(start, stop), stop - start
+            rows = np.arange(start, stop, step)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise StoreError(f"{self.path}: row ids must lie in 0..{self.n_rows - 1}, got {rows.min()}..{rows.max()}")
+        if rows.size and np.all(np.diff(rows) == 1):
+            return slice(int(rows[0]), int(rows[-1]) + 1), rows.size
+        return rows, rows.size
+
+    def _read(self, name: str, sel) -> np.ndarray:
+        arr = self.array(name)
+        if isinstance(sel, slice):
+            return np.asarray(arr[sel])
+        if sel.size == 0:
+            return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+        order = np.argsort(sel, kind="stable")
+        uniq, inverse = np.unique(sel[order], return_inverse=True)
+        data = np.asarray(arr.get_orthogonal_selection((uniq,)))
+        out = np.empty((sel.size,) + data.shape[1:], dtype=data.dtype)
+        out[order] = data[inverse]
+        return out
+
+    def read_tokens_numpy(self, rows) -> np.ndarray:
+        """Dequantized tokens (B, T, D) float32 for ``rows`` (slice or ids, any order, repeats allowed)."""
+        sel, _ = self._rows(rows)
+        q = self._read("tokens", sel)
+        scales = self._read("scales", sel) if self.spec.dtype == "int8" else None
+        return dequantize(q, scales)
+
+    def read_tokens(self, rows, device: str | None = None) -> "torch.Tensor":
+        """Dequantized tokens (B, T, D) float32 torch tensor; dequantization runs on ``device`` when given."""
+        import torch
+
+        sel, _ = self._rows(rows)
+        q = torch.from_numpy(self._read("tokens", sel))
+        scales = torch.from_numpy(self._read("scales", sel)) if self.spec.dtype == "int8" else None
+        if device is not None:
+            q = q.to(device, non_blocking=True)
+            scales = scales.to(device, non_blocking=True) if scales is not None else None
+        return dequantize_torch(q, scales)
+
+    def read_raw(self, rows) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored tokens (B, T, D) int8/float16 and scales (B, T) or None, without dequantizing."""
+        sel, _ = self._rows(rows)
+        return self._read("tokens", sel), (self._read("scales", sel) if self.spec.dtype == "int8" else None)
+
+    def read_pooled(self, rows) -> np.ndarray:
+        """(B, Dp) float32."""
+        sel, _ = self._rows(rows)
+        return self._read("pooled", sel).astype(np.float32)
+
+    def read_views(self, rows) -> np.ndarray:
+        """(B, P) float32 ViewParams rows."""
+        sel, _ = self._rows(rows)
+        return self._read("views", sel)
+
+    def image_table(self) -> "ImageTable":
+        from morphcache.store.image_table import ImageTable
+
+        size = np.asarray(self.array("images/size")[:])
+        return ImageTable(
+            path=np.asarray(self.array("images/path")[:]).astype(str),
+            hash=np.asarray(self.array("images/hash")[:]).astype(str),
+            height=size[:, 0].astype(np.int32) if len(size) else np.zeros(0, np.int32),
+            width=size[:, 1].astype(np.int32) if len(size) else np.zeros(0, np.int32),
+            label=np.asarray(self.array("images/label")[:]).astype(np.int32),
+            status=np.asarray(self.array("images/status")[:]).astype(np.uint8),
+        )
+
+    def image_status(self) -> np.ndarray:
+        return np.asarray(self.array("images/status")[:]).astype(np.uint8)
+
+    def ok_images(self) -> np.ndarray:
+        """Ids of images whose chunk is complete and whose status is ok."""
+        status = self.image_status()
+        done = np.repeat(self.progress().astype(bool), self.spec.chunk_images)[: self.spec.n_images]
+        return np.flatnonzero((status == 0) & done)
+
+    def ok_rows(self) -> np.ndarray:
+        """Row ids (int64) that may be served for training: complete chunks, ok images, all views."""
+        V = self.spec.views_per_image
+        imgs = self.ok_images()
+        return (imgs[:, None] * V + np.arange(V)[None, :]).reshape(-1).astype(np.int64)
+
+    # ------------------------------------------------------------------ dask / xarray
+    def to_dask(self, dequantize: bool = True) -> dict:
+        """Lazy dask arrays: ``tokens`` (R, T, D) float32 when ``dequantize`` (else raw), ``pooled``, ``views``,
+        ``scales`` (int8 stores), ``status`` per view (R,)."""
+        import dask.array as da
+
+        out = {name: da.from_zarr(self.array(name)) for name in DATA_ARRAYS}
+        if self.spec.dtype == "int8":
+            out["scales"] = da.from_zarr(self.array("scales"))
+            if dequantize:
+                out["tokens"] = out["tokens"].astype(np.float32) * out["scales"].astype(np.float32)[..., None]
+        elif dequantize:
+            out["tokens"] = out["tokens"].astype(np.float32)
+        status = da.from_zarr(self.array("images/status"))
+        out["status"] = da.repeat(status, self.spec.views_per_image, axis=0)
+        return out
+
+    def to_xarray(self, dequantize: bool = True):
+        """An ``xarray.Dataset`` with dims (view, token, channel), coords image/view_index/param names."""
+        import xarray as xr
+
+        from morphcache.schemas import VIEW_FIELDS
+
+        arrays = self.to_dask(dequantize=dequantize)
+        V = self.spec.views_per_image
+        rows = np.arange(self.n_rows)
+        h, w = self.spec.teacher.grid
+        data_vars = {
+            "tokens": (("view", "token", "channel"), arrays["tokens"]),
+            "pooled": (("view", "pooled_channel"), arrays["pooled"]),
+            "views": (("view", "param"), arrays["views"]),
+            "status": (("view",), arrays["status"]),
+        }
+        coords = {
+            "view": rows,
+            "image": ("view", rows // V),
+            "view_index": ("view", rows % V),
+            "token": np.arange(h * w),
+            "token_row": ("token", np.arange(h * w) // w),
+            "token_col": ("token", np.arange(h * w) % w),
+            "param": list(VIEW_FIELDS),
+        }
+        return xr.Dataset(data_vars, coords=coords, attrs={ATTR_KEY: self.spec.model_dump_json()})
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
+    """Shorthand for :meth:`FeatureStore.open`."""
+    return FeatureStore.open(path, mode)
+
+
+def stored_bytes(path: str | os.PathLike, names: Sequence[str] | None = None) -> int:
+    """Bytes on disk under the store (or under the given array names)."""
+    root = Path(path)
+    targets = [root / n for n in names] if names else [root]
+    return sum(f.stat().st_size for t in targets if t.exists() for f in t.rglob("*") if f.is_file())
