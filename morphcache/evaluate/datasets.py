@@ -1,0 +1,283 @@
+"""Labelled evaluation datasets as uint8 RGB arrays, parsed from a one-string SPEC.
+
+SPEC forms (optional query ``?train=N&test=M&seed=S`` subsamples each split, stratified and seeded):
+
+- ``fashion-mnist[:DIR]``: idx files (``.gz`` or plain), default DIR ``/usr/share/datasets/fashion-mnist``;
+- ``digits``: scikit-learn's 8x8 digits, a fixed stratified 75/25 split (seed 0);
+- ``cifar10:DIR`` / ``cifar100:DIR``: the python-pickle batches (``cifar-10-batches-py`` / ``cifar-100-python``);
+- ``folder:DIR``: ``DIR/train/<class>/*`` plus ``DIR/test`` (or ``DIR/val``), decoded with PIL, shorter side
+  resized to ``image_size`` then centre-cropped (so every image has the same shape).
+
+Grayscale sources are expanded to three channels; resizing to a model's input happens in
+:mod:`morphcache.evaluate.features`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from morphcache.errors import MorphcacheError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+_QUERY_KEYS = {"train", "test", "seed"}
+
+
+@dataclass
+class DatasetSplits:
+    """A labelled train/test pair. Images uint8 (N, H, W, 3); labels int64 (N,) indexing ``classes``."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    name: str
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` samples keeping class proportions (seeded); all indices if ``n >= len(labels)``."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    key = rng.random(len(labels))
+    rank = np.empty(len(labels), dtype=np.float64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        order = idx[np.argsort(key[idx])]
+        rank[order] = (np.arange(len(idx)) + 0.5) / len(idx)  # position within its class, in (0, 1)
+    return np.sort(np.lexsort((key, rank))[:n])
+
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 1|3) uint8 -> (N, H, W, 3) uint8."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images, dtype=np.uint8)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx-ubyte file (MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise MorphcacheError(f"{path} is not an unsigned-byte idx file; re-download the dataset")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise MorphcacheError(f"{path} is truncated ({len(data) - offset} of {expected} bytes); re-download it")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise MorphcacheError(f"{root / stem}[.gz] not found; point fashion-mnist:DIR at the folder with the idx files")
+
+
+def _load_fashion_mnist(root: Path):
+    if not root.is_dir():
+        raise MorphcacheError(f"fashion-mnist folder {root} does not exist; install dataset-fashion-mnist or pass "
+                              "fashion-mnist:DIR")
+    parts = []
+    for prefix in ("train", "t10k"):
+        images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        if len(images) != len(labels):
+            raise MorphcacheError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
+        parts.append((_to_rgb(images), labels))
+    return parts[0], parts[1], FASHION_MNIST_CLASSES
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=0.25, random_state=0, stratify=labels)
+    return (_to_rgb(x_tr), y_tr), (_to_rgb(x_te), y_te), tuple(str(i) for i in range(10))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler limited to what CIFAR batches contain (dicts, lists, numpy arrays): no arbitrary code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise MorphcacheError(f"{path} not found; cifar10:DIR / cifar100:DIR must hold the python-pickle batches")
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise MorphcacheError(f"{path} is not a CIFAR python pickle ({exc}); re-download the python version") from exc
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_root(root: Path, sub: str, marker: str) -> Path:
+    if (root / marker).is_file():
+        return root
+    if (root / sub / marker).is_file():
+        return root / sub
+    raise MorphcacheError(f"{root} holds no {marker} (nor {sub}/{marker}); point the spec at the extracted folder")
+
+
+def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise MorphcacheError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def _load_cifar(root: Path, hundred: bool):
+    if not root.is_dir():
+        raise MorphcacheError(f"CIFAR folder {root} does not exist; pass cifar10:DIR or cifar100:DIR")
+    if hundred:
+        root = _cifar_root(root, "cifar-100-python", "train")
+        files, test_file, meta_file, key, names_key = ["train"], "test", "meta", "fine_labels", "fine_label_names"
+    else:
+        root = _cifar_root(root, "cifar-10-batches-py", "data_batch_1")
+        files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_file, meta_file, key, names_key = "test_batch", "batches.meta", "labels", "label_names"
+    splits = []
+    for names in (files, [test_file]):
+        batches = [(_unpickle(root / n), root / n) for n in names]
+        images = np.concatenate([_cifar_images(b, p) for b, p in batches])
+        labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b, _ in batches])
+        splits.append((images, labels))
+    n_classes = 100 if hundred else 10
+    classes = tuple(str(i) for i in range(n_classes))
+    if (root / meta_file).is_file():
+        names = _unpickle(root / meta_file).get(names_key)
+        if names and len(names) == n_classes:
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return splits[0], splits[1], classes
+
+
+def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise MorphcacheError(f"{split_dir} has classes missing from train/: {', '.join(unknown[:5])}")
+    paths, labels = [], []
+    for ci, name in enumerate(classes):
+        d = split_dir / name
+        if d.is_dir():
+            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            paths += files
+            labels += [ci] * len(files)
+    if not paths:
+        raise MorphcacheError(f"{split_dir} holds no images in class subfolders (expected {split_dir}/<class>/*.jpg)")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def _decode_square(path: Path, size: int) -> np.ndarray:
+    """Decode with PIL, resize the shorter side to ``size`` (bicubic), centre-crop: uint8 (size, size, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise MorphcacheError(f"cannot decode image {path} ({exc}); remove or replace it") from exc
+
+
+def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int | None, seed: int):
+    if not (root / "train").is_dir():
+        raise MorphcacheError(f"{root}/train does not exist; folder:DIR needs DIR/train/<class>/ and DIR/test/")
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    if not test_dir.is_dir():
+        raise MorphcacheError(f"{root} has neither test/ nor val/; folder:DIR needs a test split")
+    tr_paths, tr_labels, classes = _list_folder(root / "train", None)
+    te_paths, te_labels, _ = _list_folder(test_dir, classes)
+    out = []
+    for paths, labels, n, s in ((tr_paths, tr_labels, n_train, seed), (te_paths, te_labels, n_test, seed + 1)):
+        keep = stratified_subset(labels, n, s) if n is not None else np.arange(len(labels))
+        images = np.stack([_decode_square(paths[i], image_size) for i in keep])
+        out.append((images, labels[keep]))
+    return out[0], out[1], tuple(classes)
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, dict[str, int]]:
+    """``'fashion-mnist:/d?train=10'`` -> ``('fashion-mnist', '/d', {'train': 10})``."""
+    base, _, query = spec.partition("?")
+    kind, sep, arg = base.partition(":")
+    params: dict[str, int] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _QUERY_KEYS:
+            raise MorphcacheError(f"dataset spec {spec!r}: unknown option {key!r}; use train=N, test=M, seed=S")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise MorphcacheError(f"dataset spec {spec!r}: {key}={value!r} is not an integer") from None
+        if params[key] < (0 if key == "seed" else 1):
+            raise MorphcacheError(f"dataset spec {spec!r}: {key} must be positive")
+    return kind.strip().lower(), (arg if sep else None), params
+
+
+def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
+    """Load ``spec`` (see module doc). ``image_size`` only matters for ``folder:`` (decoded square side)."""
+    kind, arg, params = parse_dataset_spec(spec)
+    n_train, n_test, seed = params.get("train"), params.get("test"), params.get("seed", 0)
+    if kind in ("folder", "cifar10", "cifar100") and not arg:
+        raise MorphcacheError(f"dataset spec {spec!r} needs a folder: {kind}:DIR")
+    if kind == "fashion-mnist":
+        train, test, classes = _load_fashion_mnist(Path(arg or FASHION_MNIST_DIR).expanduser())
+    elif kind == "digits":
+        train, test, classes = _load_digits()
+    elif kind in ("cifar10", "cifar100"):
+        train, test, classes = _load_cifar(Path(arg).expanduser(), hundred=kind == "cifar100")
+    elif kind == "folder":
+        train, test, classes = _load_folder(Path(arg).expanduser(), image_size, n_train, n_test, seed)
+        n_train = n_test = None  # already subsampled before decoding
+    else:
+        raise MorphcacheError(f"unknown dataset {kind!r} in {spec!r}; use fashion-mnist[:DIR], digits, cifar10:DIR, "
+                              "cifar100:DIR or folder:DIR")
+    (x_tr, y_tr), (x_te, y_te) = train, test
+    if n_train is not None:
+        keep = stratified_subset(y_tr, n_train, seed)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if n_test is not None:
+        keep = stratified_subset(y_te, n_test, seed + 1)
+        x_te, y_te = x_te[keep], y_te[keep]
+    return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), spec)
