@@ -87,7 +87,8 @@ class BlockMaskGenerator:
         """Try up to ten rectangles; mask the first one that adds 1..budget new patches. Returns patches added."""
         h, w = self.grid
         for _ in range(10):
-            area = rng.uniform(self.min_block, budget)
+            # Python's random.uniform(min_block, budget) as BEiT: also valid when budget < min_block.
+            area = self.min_block + (budget - self.min_block) * rng.random()
             ratio = math.exp(rng.uniform(*self.log_aspect))
             bh = int(round(math.sqrt(area * ratio)))
             bw = int(round(math.sqrt(area / ratio)))

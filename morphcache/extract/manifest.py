@@ -1,0 +1,184 @@
+"""Build the image manifest (:class:`~morphcache.store.image_table.ImageTable`) from a folder or a file list.
+
+Sources:
+
+- **A folder.** If it holds image files directly, it is an unlabeled dataset: every image below it (recursively)
+  gets label -1. Otherwise each immediate sub-folder that holds images (recursively) is a class; classes are
+  numbered in sorted name order (as torchvision's ``ImageFolder``). Images are those with an extension in
+  :data:`IMAGE_EXTENSIONS` (case-insensitive); hidden files and folders are skipped. Rows are sorted by relative
+  path, so the order does not depend on the file system.
+- **A text file** (any file that is not a folder): one path per line, optionally followed by a tab and a label;
+  blank lines and lines starting with ``#`` are skipped. Relative paths are resolved against the list's folder,
+  which is the root. Integer labels are used as given; otherwise label names are numbered in sorted order. Rows
+  keep the list's order (the list is the user's explicit order).
+
+Each row gets the blake2b-128 hash of the file bytes and the (height, width) read from the header only (after
+EXIF orientation, matching :func:`morphcache.extract.images.load_canonical_bytes`). A file whose header cannot
+be read (or that is missing) keeps size (0, 0) and status ``STATUS_PENDING``; extraction later marks it bad.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from morphcache.errors import MorphcacheError
+from morphcache.extract.images import content_hash, open_header, oriented_size
+from morphcache.progress import progress_bar
+from morphcache.store.image_table import STATUS_PENDING, ImageTable
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+
+#: Show a progress bar when at least this many files are scanned (``progress=None``).
+PROGRESS_MIN_FILES = 2000
+
+
+def _is_image(name: str, extensions: frozenset[str]) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+
+
+def _walk_images(folder: Path, extensions: frozenset[str]) -> list[str]:
+    """Image paths below ``folder`` (recursive), relative to it, posix style, sorted."""
+    found: list[str] = []
+    seen: set[str] = set()  # real paths already walked: symlinked folders are followed once, loops are cut
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(folder)
+        found += [(rel / f).as_posix() for f in filenames if _is_image(f, extensions)]
+    return sorted(found)
+
+
+def _scan_folder(root: Path, extensions: frozenset[str]) -> tuple[list[str], list[int], list[str]]:
+    direct = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name, extensions)]
+    if direct:
+        paths = _walk_images(root, extensions)
+        return paths, [-1] * len(paths), []
+    classes: list[str] = []
+    paths: list[str] = []
+    labels: list[int] = []
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    for name in subdirs:
+        files = _walk_images(root / name, extensions)
+        if not files:
+            continue
+        label = len(classes)
+        classes.append(name)
+        paths += [f"{name}/{f}" for f in files]
+        labels += [label] * len(files)
+    return paths, labels, classes
+
+
+def _parse_list(list_file: Path, root: Path) -> tuple[list[str], list[int], list[str]]:
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MorphcacheError(f"{list_file}: cannot read the image list ({type(e).__name__}); pass a folder or a UTF-8 text file") from None
+    paths: list[str] = []
+    raw_labels: list[str | None] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path_part, _, label_part = line.partition("\t")
+        path_part = path_part.strip()
+        p = Path(path_part)
+        rel = Path(os.path.relpath(p, root)).as_posix() if p.is_absolute() else Path(os.path.normpath(p)).as_posix()
+        if rel in seen:
+            raise MorphcacheError(f"{list_file}:{lineno}: {path_part} is listed twice (first on line {seen[rel]}); remove the duplicate")
+        seen[rel] = lineno
+        paths.append(rel)
+        raw_labels.append(label_part.strip() or None)
+    given = [x for x in raw_labels if x is not None]
+    if all(_is_int(x) for x in given):
+        labels = [int(x) if x is not None else -1 for x in raw_labels]
+        classes: list[str] = []
+    else:
+        classes = sorted(set(given))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[x] if x is not None else -1 for x in raw_labels]
+    if any(lab < -1 for lab in labels):
+        raise MorphcacheError(f"{list_file}: labels must be >= 0 (or absent for unlabeled images)")
+    return paths, labels, classes
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe(path: Path) -> tuple[str, int, int]:
+    """(content hash, height, width) of one file; ('', 0, 0) when unreadable, (hash, 0, 0) for a bad header."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "", 0, 0
+    digest = content_hash(data)
+    try:
+        im = open_header(data, path)
+        h, w = oriented_size(im)
+    except Exception:  # any header failure: extraction decides the reason later
+        return digest, 0, 0
+    return digest, h, w
+
+
+def build_manifest(
+    source: str | Path,
+    *,
+    extensions=IMAGE_EXTENSIONS,
+    workers: int = 4,
+    progress: bool | None = None,
+) -> tuple[ImageTable, Path]:
+    """The manifest of ``source`` (a folder or a text file list) and the absolute dataset root.
+
+    ``workers`` threads read and hash files (I/O and hashing release the GIL). ``progress=None`` shows a
+    progress bar when at least :data:`PROGRESS_MIN_FILES` files are scanned. Returns ``(table, root)``; every
+    row has status ``STATUS_PENDING``.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise MorphcacheError(f"{source}: no such folder or image list; pass an image folder or a text file with one path per line")
+    exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if src.is_dir():
+        root = src.resolve()
+        paths, labels, classes = _scan_folder(root, exts)
+        if not paths:
+            raise MorphcacheError(f"{source}: no images found (extensions {' '.join(sorted(exts))}); point to a folder of images or class sub-folders")
+    else:
+        root = src.resolve().parent
+        paths, labels, classes = _parse_list(src, root)
+        if not paths:
+            raise MorphcacheError(f"{source}: the image list is empty; write one image path per line")
+        if not any((root / p).is_file() for p in paths):
+            raise MorphcacheError(f"{source}: none of the {len(paths)} listed files exist (relative paths are resolved against {root})")
+
+    show = len(paths) >= PROGRESS_MIN_FILES if progress is None else progress
+    rows: list[tuple[str, int, int]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(_describe, (root / p for p in paths))
+        if show:
+            with progress_bar(total=len(paths), description="manifest", unit="files") as bar:
+                for r in results:
+                    rows.append(r)
+                    bar.advance(1)
+        else:
+            rows = list(results)
+
+    table = ImageTable(
+        path=paths,
+        hash=[r[0] for r in rows],
+        height=[r[1] for r in rows],
+        width=[r[2] for r in rows],
+        label=labels,
+        status=[STATUS_PENDING] * len(paths),
+        class_names=classes,
+    )
+    return table, root

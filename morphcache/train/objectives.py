@@ -1,0 +1,205 @@
+"""Training objectives behind one interface: ``build_objective(name, config, student, target_dim, grid)``.
+
+An :class:`Objective` is an ``nn.Module`` owning every trainable part (student, MAE decoder, LUT heads) and, for
+LUT, the EMA teacher. ``objective(batch) -> (loss scalar tensor, metrics dict[str, float])`` with ``batch`` a dict:
+
+- ``images`` (B, 3, S, S) float, normalised student input (required);
+- ``targets`` (B, T, D) cached teacher tokens (dtm, tokenwise, mae+dtm; absent for mae / lut);
+- ``images2`` (B, 3, S, S) second view of the same images (lut only);
+- ``mask`` (B, T) bool block mask (dtm, tokenwise). When absent the objective draws a BEiT block mask from its
+  own generator (seeded from ``config.seed``). MAE-based objectives ignore it: they draw 75% random masks and drop
+  the masked tokens from the encoder, which a BEiT block mask (38%) is not made for.
+
+Names: ``dtm`` (DTM distillation, L morphing cases), ``tokenwise`` (DTM with n = 0), ``mae``, ``lut``, and
+``mae+dtm``: MAE plus DTM distillation predicted from the *decoder*. The encoder never sees masked tokens, so a
+head on encoder tokens could only predict the ~25% visible targets, where the student already sees the pixels
+and distillation is easiest; a linear head on the decoder features (which hold a mask token at every dropped
+position) predicts targets at all T positions, so DTM's matching and loss run on the full grid exactly as in
+the ``dtm`` objective, and the decoder becomes a feature predictor as in MIM-distillation decoders.
+total = mae_weight * L_MAE + L_DTM.
+
+The training loop: ``optimizer = AdamW(objective.param_groups(weight_decay))``; after each optimizer step call
+``objective.after_step(step, total_steps)`` (EMA update for LUT, no-op otherwise); checkpoint
+``objective.model.state_dict()`` as ``"model"`` (see :mod:`morphcache.train.student`) and
+``objective.state_dict()`` to resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from morphcache.errors import ConfigError
+from morphcache.train.losses.dtm_loss import DTMLoss
+from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
+from morphcache.train.losses.tokenwise_loss import tokenwise_loss
+from morphcache.train.lut import LUTLearner
+from morphcache.train.mae import MAEModel
+from morphcache.train.masking import block_mask_generator_from_config
+from morphcache.train.student import MIMStudent
+
+OBJECTIVES = ("dtm", "tokenwise", "mae", "lut", "mae+dtm")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_mask_token")
+
+
+class Objective(nn.Module):
+    """Base class: ``model`` (has ``.backbone``), ``forward(batch) -> (loss, metrics)``, ``after_step``."""
+
+    name: str = ""
+
+    def __init__(self, model: nn.Module | None, seed: int) -> None:
+        super().__init__()
+        if model is not None:
+            self.model = model
+        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (0-based ``step``)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on biases, norms (1-D) and position / class / mask tokens."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            (no_decay if p.ndim <= 1 or leaf in _NO_DECAY_NAMES else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @staticmethod
+    def _require(batch: dict, key: str, name: str) -> torch.Tensor:
+        if key not in batch or batch[key] is None:
+            raise ConfigError(f"objective '{name}' needs batch['{key}']; the loader did not provide it")
+        return batch[key]
+
+
+def _check_targets(targets: torch.Tensor, num_tokens: int, target_dim: int, name: str) -> None:
+    if targets.dim() != 3 or targets.shape[1] != num_tokens or targets.shape[2] != target_dim:
+        raise ConfigError(
+            f"objective '{name}': targets {tuple(targets.shape)} do not match the student's "
+            f"(B, {num_tokens}, {target_dim}); check the store's grid and width"
+        )
+
+
+class DistillObjective(Objective):
+    """dtm / tokenwise: block-masked student predicts the cached target tokens at all T positions."""
+
+    def __init__(self, name: str, config, student: MIMStudent, target_dim: int) -> None:
+        super().__init__(student, config.seed)
+        self.name = name
+        self.target_dim = target_dim
+        self.kind, self.beta = config.loss, config.smooth_l1_beta
+        self.dtm = DTMLoss.from_config(config) if name == "dtm" else None
+        self.masker = block_mask_generator_from_config(config, student.grid)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        images = self._require(batch, "images", self.name)
+        targets = self._require(batch, "targets", self.name)
+        _check_targets(targets, self.model.num_tokens, self.target_dim, self.name)
+        mask = batch.get("mask")
+        if mask is None:
+            mask = self.masker.batch(images.shape[0], self.generator)
+        pred = self.model(images, mask.to(images.device))
+        if self.dtm is None:
+            loss = tokenwise_loss(pred, targets, self.kind, self.beta)
+            return loss, {"loss": float(loss.detach())}
+        loss, metrics = self.dtm(pred, targets)
+        return loss, {"loss": float(loss.detach()), **metrics}
+
+
+class MAEObjective(Objective):
+    """mae and mae+dtm: 75% random masking, normalised-pixel reconstruction (+ DTM on decoder-predicted targets)."""
+
+    def __init__(self, name: str, config, model: MAEModel, target_dim: int | None) -> None:
+        super().__init__(model, config.seed)
+        self.name = name
+        self.target_dim = target_dim
+        self.mae_weight = config.mae_weight
+        self.dtm = DTMLoss.from_config(config) if name == "mae+dtm" else None
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        images = self._require(batch, "images", self.name)
+        keep, mask = self.model.sample_keep(images.shape[0], self.generator, images.device)
+        out = self.model(images, keep)
+        l_mae = mae_loss(out.pixels, pixel_targets(images, self.model.patch_size, self.model.norm_pix), mask)
+        if self.dtm is None:
+            return l_mae, {"loss": float(l_mae.detach()), "mae": float(l_mae.detach())}
+        targets = self._require(batch, "targets", self.name)
+        _check_targets(targets, self.model.num_tokens, self.target_dim, self.name)
+        l_dtm, metrics = self.dtm(out.targets, targets)
+        loss = self.mae_weight * l_mae + l_dtm
+        return loss, {"loss": float(loss.detach()), "mae": float(l_mae.detach()), "dtm": float(l_dtm.detach()), **metrics}
+
+
+class LUTObjective(Objective):
+    """lut: MAE + BYOL loss on unmasked tokens against an EMA teacher (see :mod:`morphcache.train.lut`)."""
+
+    name = "lut"
+
+    def __init__(self, config, learner: LUTLearner) -> None:
+        super().__init__(None, config.seed)
+        self.learner = learner
+
+    @property
+    def model(self) -> MAEModel:
+        return self.learner.model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        x1 = self._require(batch, "images", self.name)
+        x2 = self._require(batch, "images2", self.name)
+        loss, metrics = self.learner(x1, x2, self.generator)
+        return loss, {"loss": float(loss.detach()), **metrics}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.learner.update_teacher(step, total_steps)
+
+
+def _backbone_of(student: nn.Module) -> nn.Module:
+    if not hasattr(student, "backbone"):
+        raise ConfigError(f"student {type(student).__name__} has no timm backbone; build it with create_student")
+    return student.backbone
+
+
+def build_objective(name: str, config, student: nn.Module, target_dim: int, grid: tuple[int, int], **options) -> Objective:
+    """The objective ``name`` around ``student`` (a :class:`MIMStudent`; MAE objectives reuse its backbone, or
+    take an :class:`MAEModel` directly).
+
+    ``grid`` is the store's token grid and must equal the student's. ``options`` override MAE / LUT sizes:
+    ``decoder_dim`` (256), ``decoder_depth`` (2), ``decoder_heads`` (8), ``mask_ratio`` (0.75), ``norm_pix``
+    (True), ``proj_hidden`` (2048), ``proj_dim`` (256).
+    """
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}")
+    backbone = _backbone_of(student)
+    student_grid = tuple(int(g) for g in backbone.patch_embed.grid_size)
+    if tuple(grid) != student_grid:
+        raise ConfigError(
+            f"student '{config.model}' has a {student_grid} token grid but the targets have {tuple(grid)}; "
+            "change the student img_size or patch size"
+        )
+    if name in ("dtm", "tokenwise"):
+        if not isinstance(student, MIMStudent):
+            raise ConfigError(f"objective '{name}' needs a MIMStudent (create_student), got {type(student).__name__}")
+        if student.target_dim != target_dim:
+            raise ConfigError(f"student head width {student.target_dim} != target width {target_dim}")
+        return DistillObjective(name, config, student, target_dim)
+    mae_opts = {k: options[k] for k in ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "norm_pix") if k in options}
+    head_dim = target_dim if name == "mae+dtm" else None
+    if isinstance(student, MAEModel) and (student.target_head is not None) == (head_dim is not None):
+        model = student
+    else:
+        model = MAEModel(backbone, target_dim=head_dim, **mae_opts)
+    if name == "lut":
+        lut_opts = {k: options[k] for k in ("proj_hidden", "proj_dim") if k in options}
+        learner = LUTLearner(
+            model,
+            mae_weight=config.mae_weight,
+            unmasked_weight=config.unmasked_weight,
+            momentum=tuple(config.ema_momentum),
+            **lut_opts,
+        )
+        return LUTObjective(config, learner)
+    return MAEObjective(name, config, model, head_dim)

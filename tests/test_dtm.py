@@ -1,0 +1,235 @@
+"""Dynamic Token Morphing: membership, morphing, loss, and the dtm / tokenwise objectives."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from morphcache.errors import ConfigError
+from morphcache.schemas.specs import RunConfig
+from morphcache.train.dtm import (
+    dtm_membership,
+    membership_matrix,
+    merge_schedule,
+    morph,
+    num_groups,
+    sample_morph_cases,
+)
+from morphcache.train.losses import DTMLoss, dtm_loss, morphed_loss, tokenwise_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _few_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def reference_membership(x: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Algorithm 1 for one sample, written plainly with lists of groups (float64)."""
+    t = x.shape[0]
+    groups = [[j] for j in range(t)]
+    for r in merge_schedule(t, n, k):
+        feats = np.stack([x[g].mean(axis=0) for g in groups])
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        a_ids, b_ids = list(range(0, len(groups), 2)), list(range(1, len(groups), 2))
+        sim = feats[a_ids] @ feats[b_ids].T
+        best, partner = sim.max(axis=1), sim.argmax(axis=1)
+        order = sorted(range(len(a_ids)), key=lambda i: -best[i])  # stable: ties keep the lower A position
+        merged = set(order[:r])
+        b_groups = [list(groups[b]) for b in b_ids]
+        for i in order[:r]:
+            b_groups[partner[i]] += groups[a_ids[i]]
+        groups = [groups[a_ids[i]] for i in range(len(a_ids)) if i not in merged] + b_groups
+    out = np.empty(t, dtype=np.int64)
+    for gid, members in enumerate(groups):
+        out[members] = gid
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 4), t=st.integers(1, 40), d=st.integers(1, 8), n=st.integers(0, 50),
+       k=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_membership_is_a_partition_with_the_expected_group_count(b, t, d, n, k, seed):
+    x = torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed))
+    groups = dtm_membership(x, n, k)
+    merged = sum(merge_schedule(t, n, k))
+    assert groups.shape == (b, t) and groups.dtype == torch.long
+    assert merged <= n
+    assert (num_groups(groups) == t - merged).all()
+    for row in groups:
+        # every original token is in exactly one group and every group id in [0, G) is non-empty
+        assert (torch.bincount(row, minlength=t - merged)[: t - merged] > 0).all()
+        assert int(row.min()) == 0 and int(row.max()) == t - merged - 1
+    s = membership_matrix(groups)
+    assert (s.sum(dim=1) == 1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(2, 30), n=st.integers(0, 40), k=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_batched_membership_matches_the_plain_reference(t, n, k, seed):
+    x = torch.randn(3, t, 6, generator=torch.Generator().manual_seed(seed))
+    groups = dtm_membership(x, n, k)
+    for i in range(3):
+        assert groups[i].tolist() == reference_membership(x[i].double().numpy(), n, k).tolist()
+
+
+def test_merge_schedule_per_iteration_counts():
+    assert merge_schedule(196, 0, 5) == []
+    assert merge_schedule(196, 10, 3) == [4, 4, 2]  # ceil(10/3) each, capped by what is left of n
+    assert merge_schedule(8, 100, 1) == [4]  # never more than half the current tokens
+    assert sum(merge_schedule(196, 196, 14)) == 189
+    with pytest.raises(ConfigError):
+        merge_schedule(10, 3, 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_the_most_similar_pair_merges_first(scale):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.linalg.qr(torch.randn(64, 64, generator=gen))[0][:16].unsqueeze(0).repeat(2, 1, 1)  # orthonormal
+    x[:, 9] = scale * x[:, 4]  # token 4 (set A) and token 9 (set B) have cosine similarity 1
+    groups = dtm_membership(x, 1, 1)
+    g = groups[0]
+    assert g[4] == g[9]
+    assert len(set(g.tolist())) == 15
+    assert torch.equal(groups[0], groups[1])
+
+
+def test_groups_of_a_sample_do_not_depend_on_its_batch():
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 49, 16, generator=gen)
+    batch_a = torch.cat([torch.randn(2, 49, 16, generator=gen), sample, torch.randn(4, 49, 16, generator=gen)])
+    batch_b = torch.cat([sample, torch.randn(1, 49, 16, generator=gen)])
+    ga = dtm_membership(batch_a, 30, 4)
+    gb = dtm_membership(batch_b, 30, 4)
+    assert torch.equal(ga[2], gb[0])
+    assert not torch.equal(ga[0], ga[2])
+
+
+def test_morph_broadcasts_size_weighted_group_means():
+    x = torch.arange(12, dtype=torch.float32).view(1, 6, 2)
+    groups = torch.tensor([[0, 1, 0, 2, 0, 1]])
+    out = morph(x, groups)
+    expected = torch.tensor([[[4.0, 5.0], [6.0, 7.0], [4.0, 5.0], [6.0, 7.0], [4.0, 5.0], [6.0, 7.0]]])
+    assert torch.allclose(out, expected)
+    # equivalently S V / rowsum(S) broadcast back through S^T
+    s = membership_matrix(groups).float()
+    means = (s @ x) / s.sum(dim=2, keepdim=True)
+    assert torch.allclose(out, s.transpose(1, 2) @ means)
+
+
+def test_morph_is_differentiable_and_identity_without_merges():
+    x = torch.randn(2, 10, 4, requires_grad=True)
+    ident = torch.arange(10).expand(2, 10)
+    assert torch.equal(morph(x, ident), x)
+    groups = dtm_membership(x.detach(), 5, 2)
+    morph(x, groups).sum().backward()
+    # the gradient of sum(morph(x)) w.r.t. every token is 1 (each group's mean appears |g| times)
+    assert torch.allclose(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "cosine", "l2"])
+def test_n_zero_equals_the_tokenwise_loss_exactly(kind):
+    gen = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(3, 16, 8, generator=gen), torch.randn(3, 16, 8, generator=gen)
+    loss, metrics = dtm_loss(pred, target, [(0, 3), (0, 1)], kind, beta=2.0)
+    assert torch.equal(loss, tokenwise_loss(pred, target, kind, 2.0))
+    assert metrics["dtm_groups"] == 16
+
+
+def test_morphing_changes_the_loss_and_matches_its_definition():
+    gen = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
+    loss, _ = dtm_loss(pred, target, [(8, 2)])
+    groups = dtm_membership(target, 8, 2)
+    manual = torch.nn.functional.smooth_l1_loss(morph(pred, groups), morph(target, groups), beta=2.0)
+    assert torch.allclose(loss, manual)
+    assert not torch.allclose(loss, tokenwise_loss(pred, target))
+    # two cases average
+    l2, _ = dtm_loss(pred, target, [(8, 2), (0, 1)])
+    assert torch.allclose(l2, (manual + tokenwise_loss(pred, target)) / 2)
+    assert morphed_loss(target, target, groups) == 0
+
+
+def test_membership_runs_in_float32_under_bf16_autocast():
+    x = torch.randn(2, 16, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = dtm_membership(x, 6, 2)
+        pred = torch.randn(2, 16, 8, requires_grad=True)
+        loss, _ = dtm_loss(pred.to(torch.bfloat16), x, [(6, 2)])
+    assert torch.equal(g, dtm_membership(x.float(), 6, 2))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_case_sampling_ranges_and_reproducibility():
+    cases = sample_morph_cases(torch.Generator().manual_seed(0), 196, 14, 500)
+    ns, ks = zip(*cases)
+    assert min(ns) >= 0 and max(ns) <= 196 and min(ks) >= 1 and max(ks) <= 14
+    assert len(set(ns)) > 100 and set(ks) == set(range(1, 15))
+    assert cases[:5] == sample_morph_cases(torch.Generator().manual_seed(0), 196, 14, 500)[:5]
+    loss_a = DTMLoss(seed=4)
+    loss_b = DTMLoss(seed=4)
+    pred, target = torch.randn(2, 196, 8), torch.randn(2, 196, 8)
+    assert loss_a(pred, target)[0] == loss_b(pred, target)[0]
+
+
+def _tiny_student(target_dim):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from morphcache.train.student import MIMStudent
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0,
+                            init_values=0.1)
+    return MIMStudent(vit, target_dim)
+
+
+@pytest.mark.parametrize("name", ["dtm", "tokenwise"])
+def test_distillation_objectives_train(name):
+    from morphcache.train.objectives import build_objective
+
+    cfg = RunConfig(store="s", objective=name, mask_patches=75, mask_min_block=2, dtm_max_merge=8, dtm_max_iters=3)
+    student = _tiny_student(12)
+    obj = build_objective(name, cfg, student, 12, (4, 4))
+    gen = torch.Generator().manual_seed(5)
+    batch = {"images": torch.randn(4, 3, 32, 32, generator=gen), "targets": torch.randn(4, 16, 12, generator=gen)}
+    opt = torch.optim.AdamW(obj.param_groups(0.05), lr=3e-3)
+    losses = []
+    for step in range(25):
+        loss, metrics = obj(batch)  # mask drawn by the objective
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj.after_step(step, 25)
+        losses.append(metrics["loss"])
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    if name == "dtm":
+        assert {"dtm_merge", "dtm_iters", "dtm_groups"} <= set(metrics)
+
+
+def test_objective_refuses_mismatched_targets_and_grid():
+    from morphcache.train.objectives import build_objective
+
+    cfg = RunConfig(store="s")
+    student = _tiny_student(12)
+    with pytest.raises(ConfigError, match="grid"):
+        build_objective("dtm", cfg, student, 12, (5, 5))
+    obj = build_objective("dtm", cfg, student, 12, (4, 4))
+    with pytest.raises(ConfigError, match="targets"):
+        obj({"images": torch.randn(2, 3, 32, 32), "targets": torch.randn(2, 16, 7)})
+    with pytest.raises(ConfigError, match="targets"):
+        obj({"images": torch.randn(2, 3, 32, 32)})
+    with pytest.raises(ConfigError, match="unknown objective"):
+        build_objective("beit", cfg, student, 12, (4, 4))
+
+
+def test_default_schedule_matches_released_bounds():
+    # N = 196, K = 14 at a 14x14 grid: r_p = ceil(n / k), at most half the tokens per iteration
+    for n, k in [(196, 14), (100, 1), (13, 7)]:
+        sched = merge_schedule(196, n, k)
+        assert all(r <= math.ceil(n / k) for r in sched)
+        assert len(sched) <= k

@@ -1,0 +1,237 @@
+"""MAE (random masking, light decoder, pixel loss), LUT (disjoint keeps, EMA teacher), and their objectives."""
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from morphcache.errors import ConfigError
+from morphcache.schemas.specs import IMAGENET_MEAN, IMAGENET_STD, RunConfig
+from morphcache.train.losses import byol_loss, mae_loss, patchify, pixel_targets
+from morphcache.train.lut import EMATeacher, MLPHead, cosine_momentum, disjoint_keep_sets
+from morphcache.train.mae import MAEModel, keep_to_mask, random_masking, sincos_2d
+from morphcache.train.objectives import build_objective
+from morphcache.train.student import MIMStudent, load_student_backbone
+
+SMALL = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, proj_hidden=64, proj_dim=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _few_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0,
+                             init_values=0.1)
+
+
+def _images(b=8, seed=0):
+    """Smooth structured images (gradients + a bright square), so pixels are predictable from context."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    imgs = []
+    for _ in range(b):
+        a, c, ph = torch.rand(3, generator=gen) * 3
+        base = torch.stack([torch.sin(a * xx + ph), torch.cos(c * yy - ph), torch.sin(a * xx + c * yy)])
+        top, left = torch.randint(0, 24, (2,), generator=gen).tolist()
+        base[:, top : top + 8, left : left + 8] += 1.5
+        imgs.append(base)
+    return torch.stack(imgs)
+
+
+def test_patchify_uses_row_major_token_order():
+    img = torch.zeros(1, 3, 16, 24)
+    for r in range(2):
+        for c in range(3):
+            img[..., r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = r * 3 + c
+    patches = patchify(img, 8)
+    assert patches.shape == (1, 6, 192)
+    assert torch.equal(patches[0].mean(dim=1), torch.arange(6, dtype=torch.float32))
+    with pytest.raises(ConfigError):
+        patchify(torch.zeros(1, 3, 20, 20), 8)
+
+
+def test_pixel_targets_are_normalised_per_patch():
+    t = pixel_targets(torch.randn(2, 3, 32, 32) * 5 + 3, 8, norm_pix=True)
+    assert torch.allclose(t.mean(dim=-1), torch.zeros(2, 16), atol=1e-5)
+    assert torch.allclose(t.std(dim=-1), torch.ones(2, 16), atol=1e-3)
+
+
+def test_random_masking_counts_and_reproducibility():
+    keep, mask = random_masking(5, 196, 0.75, torch.Generator().manual_seed(0))
+    assert keep.shape == (5, 49) and mask.shape == (5, 196)
+    assert (mask.sum(dim=1) == 147).all()
+    assert (keep.diff(dim=1) > 0).all()
+    assert not mask.gather(1, keep).any()
+    keep2, _ = random_masking(5, 196, 0.75, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, keep2)
+    with pytest.raises(ConfigError):
+        random_masking(1, 16, 1.0, torch.Generator())
+
+
+def test_mae_encoder_never_sees_masked_pixels_and_loss_covers_masked_only():
+    model = MAEModel(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep, mask = model.sample_keep(2, torch.Generator().manual_seed(1))
+    y = x.clone()
+    for b in range(2):
+        for pos in torch.nonzero(mask[b]).flatten().tolist():
+            r, c = divmod(pos, 4)
+            y[b, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = torch.randn(3, 8, 8)
+    with torch.no_grad():
+        out_x, out_y = model(x, keep), model(y, keep)
+    assert out_x.latent.shape == (2, 1 + 4, 48)
+    assert out_x.pixels.shape == (2, 16, 192) and out_x.features.shape == (2, 16, 32)
+    assert torch.allclose(out_x.latent, out_y.latent, atol=1e-6)
+    assert torch.allclose(out_x.pixels, out_y.pixels, atol=1e-6)
+    # the loss only looks at masked patches
+    target = pixel_targets(x, 8)
+    pred = torch.where(mask.unsqueeze(-1), target, torch.full_like(target, 1e3))
+    assert float(mae_loss(pred, target, mask)) == 0.0
+    assert float(mae_loss(pred, target, ~mask)) > 1e5
+
+
+def test_decoder_position_table():
+    table = sincos_2d(32, (4, 4))
+    assert table.shape == (1, 16, 32)
+    assert len({tuple(row.tolist()) for row in table[0]}) == 16
+    with pytest.raises(ConfigError):
+        sincos_2d(30, (4, 4))
+
+
+def test_lut_keep_sets_are_disjoint():
+    k1, k2 = disjoint_keep_sets(16, 196, 49, torch.Generator().manual_seed(0))
+    assert k1.shape == k2.shape == (16, 49)
+    for a, b in zip(k1.tolist(), k2.tolist()):
+        assert len(set(a)) == 49 and len(set(b)) == 49 and not set(a) & set(b)
+    assert not torch.equal(keep_to_mask(k1, 196), keep_to_mask(k2, 196))
+    with pytest.raises(ConfigError):
+        disjoint_keep_sets(1, 10, 6, torch.Generator())
+
+
+def test_momentum_schedule_is_cosine_from_0996_to_1():
+    assert cosine_momentum(0, 100) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100) == pytest.approx(1.0)
+    values = [cosine_momentum(s, 100) for s in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_ema_teacher_gets_no_gradient_and_follows_the_update_rule():
+    student = MLPHead(8, 16, 4)
+    teacher = EMATeacher({"head": student})
+    x = torch.randn(6, 8)
+    (byol_loss(student(x), teacher.parts["head"](x))).backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    teacher.update({"head": student}, 0.9)
+    for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s)
+    assert torch.equal(teacher.parts["head"][1].running_mean, student[1].running_mean)
+
+
+def _lut_objective(seed=0):
+    cfg = RunConfig(store="s", objective="lut")
+    return build_objective("lut", cfg, MIMStudent(_tiny_vit(seed), 12), 12, (4, 4), **SMALL)
+
+
+def test_lut_steps_lower_both_losses_and_move_the_teacher_by_ema():
+    obj = _lut_objective()
+    x1 = _images(8, 0)
+    x2 = torch.flip(_images(8, 0), dims=[3]) * 0.9  # a second view of the same images
+    opt = torch.optim.AdamW(obj.param_groups(0.05), lr=2e-3)
+    teacher_params = list(obj.learner.teacher.parameters())
+    assert teacher_params and all(not p.requires_grad for p in teacher_params)
+    ids = {id(p) for group in obj.param_groups(0.05) for p in group["params"]}
+    assert not ids & {id(p) for p in teacher_params}
+    hist = {"mae": [], "unmasked": []}
+    steps = 30
+    for step in range(steps):
+        obj.generator.manual_seed(123)  # same masks every step: a fixed problem to fit
+        loss, metrics = obj({"images": x1, "images2": x2})
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in teacher_params)
+        opt.step()
+        student_w = obj.model.backbone.patch_embed.proj.weight.detach().clone()
+        teacher_w = obj.learner.teacher.parts["backbone"].patch_embed.proj.weight.detach().clone()
+        obj.after_step(step, steps)
+        m = cosine_momentum(step, steps)
+        new_teacher = obj.learner.teacher.parts["backbone"].patch_embed.proj.weight
+        assert torch.allclose(new_teacher, m * teacher_w + (1 - m) * student_w, atol=1e-7)
+        for k in hist:
+            hist[k].append(metrics[k])
+    # metrics report the momentum of the latest teacher update before this forward (step steps - 2)
+    assert metrics["momentum"] == pytest.approx(cosine_momentum(steps - 2, steps))
+    assert np.mean(hist["mae"][-5:]) < 0.9 * np.mean(hist["mae"][:5])
+    assert np.mean(hist["unmasked"][-5:]) < 0.9 * np.mean(hist["unmasked"][:5])
+
+
+def test_lut_needs_a_second_view_and_ignores_targets():
+    obj = _lut_objective()
+    with pytest.raises(ConfigError, match="images2"):
+        obj({"images": _images(4)})
+
+
+@pytest.mark.parametrize("name", ["mae", "mae+dtm"])
+def test_mae_objectives_train(name):
+    cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
+    student = MIMStudent(_tiny_vit(), 12)
+    obj = build_objective(name, cfg, student, 12, (4, 4), **SMALL)
+    assert obj.model.backbone is student.backbone
+    gen = torch.Generator().manual_seed(3)
+    batch = {"images": _images(8, 1), "targets": torch.randn(8, 16, 12, generator=gen)}
+    opt = torch.optim.AdamW(obj.param_groups(0.05), lr=2e-3)
+    losses = []
+    for step in range(25):
+        obj.generator.manual_seed(7)
+        loss, metrics = obj(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(metrics)
+    assert np.mean([m["mae"] for m in losses[-5:]]) < 0.9 * np.mean([m["mae"] for m in losses[:5]])
+    if name == "mae+dtm":
+        assert np.mean([m["dtm"] for m in losses[-5:]]) < 0.9 * np.mean([m["dtm"] for m in losses[:5]])
+        assert metrics["loss"] == pytest.approx(cfg.mae_weight * metrics["mae"] + metrics["dtm"], rel=1e-5)
+        with pytest.raises(ConfigError, match="targets"):
+            obj({"images": batch["images"]})
+
+
+def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
+    from morphcache.train.student import create_student
+
+    cfg = RunConfig(store="s", objective="mae+dtm", model="vit_tiny_patch16")
+    student = create_student(cfg.model, img_size=32, target_dim=12, patch_size=8)
+    obj = build_objective("mae+dtm", cfg, student, 12, (4, 4), **SMALL)
+    with torch.no_grad():
+        for p in obj.model.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained" weights differ from any fresh init
+    torch.save({"model": obj.model.state_dict(), "config": cfg.model_dump(mode="json"), "target_dim": 12,
+                "img_size": 32, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, tmp_path / "ckpt.pt")
+    backbone, info = load_student_backbone(tmp_path / "ckpt.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(backbone.forward_features(x), obj.model.backbone.eval().forward_features(x), atol=1e-6)
+    assert info["grid"] == (4, 4)
+
+
+def test_objectives_are_bf16_autocast_safe():
+    for name in ("mae+dtm", "lut"):
+        cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
+        obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4), **SMALL)
+        batch = {"images": _images(4), "images2": _images(4, 5), "targets": torch.randn(4, 16, 12)}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = obj(batch)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(np.isfinite(v) for v in metrics.values())
