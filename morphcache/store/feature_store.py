@@ -6,7 +6,7 @@ Row ``r`` is view ``r % V`` of image ``r // V``. Arrays (see README "Store forma
 array              shape       dtype     notes
 =================  ==========  ========  =========================================================
 ``tokens``         (R, T, D)   int8/f16  patch tokens, no CLS; one shard per work chunk, 1 row per inner chunk
-``scales``         (R, T)      float16   per-token absmax scale (int8 stores only)
+``scales``         (R, T)      float16   per-token absmax scale (int8 stores only), sharded like tokens
 ``pooled``         (R, Dp)     float16   teacher pooled / CLS embedding
 ``views``          (R, P)      float32   ViewParams rows (columns ``VIEW_FIELDS``)
 ``images/path``    (N,)        string    relative to ``spec.dataset_root``
@@ -15,13 +15,19 @@ array              shape       dtype     notes
 ``images/label``   (N,)        int32     -1 when unlabeled
 ``images/status``  (N,)        uint8     0 ok, 255 pending, other codes = skip reason
 ``progress``       (C,)        uint8     1 once chunk c is fully written (one file per chunk)
-``checksums``      (C,)        uint64    blake2b-64 of chunk c's token (+ scale) bytes
+``checksums``      (C,)        uint64    blake2b-64 of chunk c's stored tokens, scales, pooled and views bytes
 =================  ==========  ========  =========================================================
 
 A work chunk ``c`` covers images ``[c*chunk_images, (c+1)*chunk_images)`` and their rows; a writer owns whole
 chunks (shards, status chunks, one progress/checksum file each), so writers on disjoint chunks never touch the
 same file. :meth:`FeatureStore.write_chunk` writes data, then the checksum, then ``progress[c] = 1``: a crash in
 between leaves the chunk missing, and resume redoes it.
+
+Reading rows: ``tokens``/``scales`` rows are read straight from the shard files by :class:`ShardRowReader`
+(the zarr v3 sharding layout: inner-chunk byte ranges listed in an index at the end of each shard), one
+``pread`` per run of adjacent rows, falling back to zarr for layouts it does not know. Plain zarr and dask read
+the same arrays (tested). Readers opened with ``mode="r"`` keep up to ``open_shards`` file handles of complete
+chunks with their parsed index (about 16 bytes per row each; no decoded data is cached).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from morphcache import __version__
 from morphcache.errors import SpecMismatchError, StoreError
 from morphcache.schemas import N_VIEW_PARAMS, StoreSpec, load_versioned
 from morphcache.store.quantize import dequantize, dequantize_torch
+from morphcache.store.shard_reader import ShardRowReader
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,26 +54,31 @@ if TYPE_CHECKING:  # pragma: no cover
 ATTR_KEY = "morphcache"
 DATA_ARRAYS = ("tokens", "pooled", "views")
 IMAGE_ARRAYS = ("images/path", "images/hash", "images/size", "images/label", "images/status")
+COMPRESSIONS = ("none", "zstd")
 
 
-def chunk_checksum(tokens: np.ndarray, scales: np.ndarray | None) -> int:
-    """blake2b-64 over the stored token bytes (and scales) of one chunk, as an unsigned int."""
+def chunk_checksum(tokens: np.ndarray, scales: np.ndarray | None, pooled: np.ndarray | None = None,
+                   views: np.ndarray | None = None) -> int:
+    """blake2b-64 over the stored bytes of one chunk (tokens, scales, pooled float16, views float32) as uint."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(tokens).tobytes())
-    if scales is not None:
-        h.update(np.ascontiguousarray(scales).tobytes())
+    for part in (tokens, scales, pooled, views):
+        if part is not None:
+            h.update(np.ascontiguousarray(part).tobytes())
     return int.from_bytes(h.digest(), "little")
 
 
-def _token_codecs(dtype: str):
-    """Blosc/zstd with byte shuffle: cheap, and it still finds the little redundancy (mostly in scales)."""
+def _token_codecs(dtype: str, compression: str):
+    """Codecs inside each token/scale shard. ``none`` is the default: teacher tokens barely compress
+    (see benchmarks/bench_store.py) and raw inner chunks are read with one pread and no decode."""
     from zarr.codecs import BloscCodec
 
+    if compression == "none":
+        return None
     return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle" if dtype == "float16" else "noshuffle")]
 
 
 class FeatureStore:
-    """Open handle on a store. Use :meth:`create` or :meth:`open`, not the constructor."""
+    """Open handle on a store. Use :meth:`create` or :meth:`open`, not the constructor. Picklable (reopens)."""
 
     def __init__(self, path: Path, group, spec: StoreSpec, mode: str) -> None:
         self.path = path
@@ -74,20 +86,30 @@ class FeatureStore:
         self.spec = spec
         self.mode = mode
         self._arrays: dict[str, object] = {}
+        self._readers: dict[str, ShardRowReader | None] = {}
+        # Complete chunks are immutable, so a read-only handle may keep their shard files open.
+        self._immutable = self.progress().astype(bool) if mode == "r" else np.zeros(spec.n_chunks, dtype=bool)
+
+    def __reduce__(self):
+        return (FeatureStore.open, (str(self.path), self.mode))
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
     def create(
-        cls, path: str | os.PathLike, spec: StoreSpec, images: "ImageTable", rows_per_inner_chunk: int = 1
+        cls, path: str | os.PathLike, spec: StoreSpec, images: "ImageTable", rows_per_inner_chunk: int = 1,
+        compression: str = "none",
     ) -> "FeatureStore":
         """Create a store for ``spec`` and write the image table; an identical existing store is opened instead.
 
+        ``compression`` (``none`` or ``zstd`` = blosc/zstd level 1) applies inside token and scale shards.
         An existing store with a different spec identity raises :class:`SpecMismatchError` naming the differing
         fields; nothing is modified.
         """
         import zarr
 
         path = Path(path)
+        if compression not in COMPRESSIONS:
+            raise StoreError(f"{path}: unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if len(images) != spec.n_images:
             raise StoreError(f"{path}: spec says {spec.n_images} images but the image table has {len(images)}")
         if (path / "zarr.json").exists():
@@ -99,7 +121,7 @@ class FeatureStore:
                     "use another --out path or delete the store"
                 )
             return existing
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists, is not empty and is not a zarr store; choose another path")
         spec = spec.model_copy(update={"package_version": __version__})
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
@@ -111,12 +133,13 @@ class FeatureStore:
             raise StoreError(f"{path}: rows_per_inner_chunk={inner} must divide chunk rows {rows}")
         root.create_array(
             "tokens", shape=(R, T, D), dtype=spec.dtype, chunks=(inner, T, D), shards=(rows, T, D),
-            compressors=_token_codecs(spec.dtype), fill_value=0, dimension_names=("view", "token", "channel"),
+            compressors=_token_codecs(spec.dtype, compression), fill_value=0,
+            dimension_names=("view", "token", "channel"),
         )
         if spec.dtype == "int8":
             root.create_array(
                 "scales", shape=(R, T), dtype="float16", chunks=(inner, T), shards=(rows, T),
-                fill_value=0, dimension_names=("view", "token"),
+                compressors=None, fill_value=0, dimension_names=("view", "token"),
             )
         root.create_array(
             "pooled", shape=(R, Dp), dtype="float16", chunks=(rows, Dp), fill_value=0,
@@ -138,15 +161,19 @@ class FeatureStore:
         if N:
             img["path"][:] = np.asarray(images.path, dtype=object).astype(str)
             img["hash"][:] = np.asarray(images.hash, dtype=object).astype(str)
-            img["size"][:] = np.stack([images.height, images.width], axis=1).astype(np.int32)
+            img["size"][:] = np.stack([np.asarray(images.height), np.asarray(images.width)], axis=1).astype(np.int32)
             img["label"][:] = np.asarray(images.label, dtype=np.int32)
+        root.attrs["class_names"] = [str(c) for c in getattr(images, "class_names", [])]
         # The spec goes in last: a store without it is recognisably incomplete and is refused by open().
         root.attrs[ATTR_KEY] = json.loads(spec.model_dump_json())
         return cls(path, root, spec, "a")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":
-        """Open an existing store for reading (``"r"``) or appending (``"a"``); refuses anything else clearly."""
+        """Open an existing store for reading (``"r"``) or appending (``"a"``); refuses anything else clearly.
+
+        Opening never modifies the store. Errors are one-line :class:`StoreError` s naming the path.
+        """
         import zarr
 
         path = Path(path)
@@ -164,33 +191,8 @@ class FeatureStore:
         if raw is None:
             raise StoreError(f"{path}: zarr group has no '{ATTR_KEY}' spec; it was not made by morphcache (or creation was interrupted: delete it and re-run)")
         spec = load_versioned(StoreSpec, dict(raw), source=str(path))
-        store = cls(path, group, spec, mode)
-        store._check_arrays()
-        return store
-
-    def _check_arrays(self) -> None:
-        spec = self.spec
-        expected = {
-            "tokens": (spec.n_rows, spec.n_tokens, spec.dim),
-            "pooled": (spec.n_rows, spec.teacher.pooled_dim),
-            "views": (spec.n_rows, N_VIEW_PARAMS),
-            "images/path": (spec.n_images,),
-            "images/hash": (spec.n_images,),
-            "images/size": (spec.n_images, 2),
-            "images/label": (spec.n_images,),
-            "images/status": (spec.n_images,),
-            "progress": (spec.n_chunks,),
-            "checksums": (spec.n_chunks,),
-        }
-        if spec.dtype == "int8":
-            expected["scales"] = (spec.n_rows, spec.n_tokens)
-        for name, shape in expected.items():
-            try:
-                arr = self.group[name]
-            except KeyError:
-                raise StoreError(f"{self.path}: truncated store, array '{name}' is missing; delete it and re-run extract") from None
-            if tuple(arr.shape) != shape:
-                raise StoreError(f"{self.path}: array '{name}' has shape {tuple(arr.shape)}, spec requires {shape}; the store is damaged")
+        _check_arrays(path, group, spec)
+        return cls(path, group, spec, mode)
 
     # ------------------------------------------------------------------ geometry
     def array(self, name: str):
@@ -221,8 +223,8 @@ class FeatureStore:
         return a * V, b * V
 
     def _check_chunk(self, c: int) -> None:
-        if not (isinstance(c, (int, np.integer)) and 0 <= int(c) < self.n_chunks):
-            raise StoreError(f"{self.path}: chunk {c} is outside the store (valid: 0..{self.n_chunks - 1})")
+        if isinstance(c, bool) or not (isinstance(c, (int, np.integer)) and 0 <= int(c) < self.n_chunks):
+            raise StoreError(f"{self.path}: chunk {c!r} is outside the store (valid: 0..{self.n_chunks - 1})")
 
     # ------------------------------------------------------------------ writing
     def write_chunk(
@@ -231,7 +233,7 @@ class FeatureStore:
         """Write chunk ``c``: tokens (rows, T, D) float, pooled (rows, Dp), views (rows, P), status (images,).
 
         Order: data arrays, then status, then the checksum, then ``progress[c] = 1``. Returns the checksum.
-        Rows of skipped images must already be zero in the inputs.
+        Rows of skipped images must already be zero in the inputs. Everything is validated before any write.
         """
         from morphcache.store.quantize import quantize
 
@@ -245,19 +247,28 @@ class FeatureStore:
             if tuple(np.shape(arr)) != shapes[name]:
                 raise StoreError(f"{self.path}: chunk {c} {name} has shape {tuple(np.shape(arr))}, expected {shapes[name]}")
         tokens = np.asarray(tokens, dtype=np.float32)
-        if not np.isfinite(tokens).all():
-            raise StoreError(f"{self.path}: chunk {c} tokens contain NaN or inf; the teacher diverged (try --precision fp32)")
+        pooled16 = np.asarray(pooled, dtype=np.float16)
+        views32 = np.asarray(views, dtype=np.float32)
+        for name, arr in (("tokens", tokens), ("pooled", pooled16), ("views", views32)):
+            if arr.size and not (np.isfinite(arr.max()) and np.isfinite(arr.min())):  # NaN/inf propagate
+                raise StoreError(f"{self.path}: chunk {c} {name} contain NaN or inf (or overflow float16); the teacher diverged (try --precision fp32)")
         q, scales = quantize(tokens, self.spec.dtype)
         self.array("tokens")[a:b] = q
         if scales is not None:
+            if not np.isfinite(scales).all():
+                raise StoreError(f"{self.path}: chunk {c} tokens exceed the float16 scale range (|x| > 8e6); check the teacher output")
             self.array("scales")[a:b] = scales
-        self.array("pooled")[a:b] = np.asarray(pooled, dtype=np.float16)
-        self.array("views")[a:b] = np.asarray(views, dtype=np.float32)
+        self.array("pooled")[a:b] = pooled16
+        self.array("views")[a:b] = views32
         self.array("images/status")[ia:ib] = np.asarray(status, dtype=np.uint8)
-        checksum = chunk_checksum(q, scales)
+        checksum = chunk_checksum(q, scales, pooled16, views32)
+        self._mark_done(int(c), checksum)
+        return checksum
+
+    def _mark_done(self, c: int, checksum: int) -> None:
+        """Checksum, then progress: the last two writes of a chunk (a crash before them leaves it missing)."""
         self.array("checksums")[c] = np.uint64(checksum)
         self.array("progress")[c] = 1
-        return checksum
 
     # ------------------------------------------------------------------ progress
     def progress(self) -> np.ndarray:
@@ -265,7 +276,7 @@ class FeatureStore:
         return np.asarray(self.array("progress")[:])
 
     def missing_chunks(self) -> list[int]:
-        return [int(c) for c in np.flatnonzero(self.progress() == 0)]
+        return [int(c) for c in np.flatnonzero(self.progress() != 1)]
 
     def is_complete(self) -> bool:
         return not self.missing_chunks()
@@ -275,7 +286,7 @@ class FeatureStore:
         if isinstance(rows, slice):
             start, stop, step = rows.indices(self.n_rows)
             if step == 1:
-                return slice(start, stop), stop - start
+                return slice(start, max(start, stop)), max(0, stop - start)
             rows = np.arange(start, stop, step)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
@@ -284,33 +295,46 @@ class FeatureStore:
             return slice(int(rows[0]), int(rows[-1]) + 1), rows.size
         return rows, rows.size
 
+    def _reader(self, name: str) -> ShardRowReader | None:
+        if name not in self._readers:
+            self._readers[name] = ShardRowReader.for_array(self.path / name)
+        return self._readers[name]
+
     def _read(self, name: str, sel) -> np.ndarray:
+        """Stored rows of array ``name`` for a slice or an id array (any order, repeats allowed)."""
         arr = self.array(name)
+        reader = self._reader(name) if name in ("tokens", "scales") else None
         if isinstance(sel, slice):
-            return np.asarray(arr[sel])
+            if reader is None:
+                return np.asarray(arr[sel])
+            return reader.read(np.arange(sel.start, sel.stop, dtype=np.int64), self._cacheable)
         if sel.size == 0:
             return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
-        order = np.argsort(sel, kind="stable")
-        uniq, inverse = np.unique(sel[order], return_inverse=True)
-        data = np.asarray(arr.get_orthogonal_selection((uniq,)))
-        out = np.empty((sel.size,) + data.shape[1:], dtype=data.dtype)
-        out[order] = data[inverse]
-        return out
+        uniq, first, pos = np.unique(sel, return_index=True, return_inverse=True)
+        pos = pos.reshape(-1)
+        if reader is None:
+            return np.take(np.asarray(arr.get_orthogonal_selection((uniq,))), pos, axis=0)
+        data = reader.read(uniq, self._cacheable, dest=first, n_out=sel.size)
+        if uniq.size != sel.size:  # repeated ids: copy from the first occurrence
+            dup = np.flatnonzero(first[pos] != np.arange(sel.size))
+            data[dup] = data[first[pos[dup]]]
+        return data
+
+    def _cacheable(self, shard: int) -> bool:
+        return bool(shard < self._immutable.size and self._immutable[shard])
 
     def read_tokens_numpy(self, rows) -> np.ndarray:
         """Dequantized tokens (B, T, D) float32 for ``rows`` (slice or ids, any order, repeats allowed)."""
-        sel, _ = self._rows(rows)
-        q = self._read("tokens", sel)
-        scales = self._read("scales", sel) if self.spec.dtype == "int8" else None
+        q, scales = self.read_raw(rows)
         return dequantize(q, scales)
 
     def read_tokens(self, rows, device: str | None = None) -> "torch.Tensor":
         """Dequantized tokens (B, T, D) float32 torch tensor; dequantization runs on ``device`` when given."""
         import torch
 
-        sel, _ = self._rows(rows)
-        q = torch.from_numpy(self._read("tokens", sel))
-        scales = torch.from_numpy(self._read("scales", sel)) if self.spec.dtype == "int8" else None
+        q, scales = self.read_raw(rows)
+        q = torch.from_numpy(q)
+        scales = torch.from_numpy(scales) if scales is not None else None
         if device is not None:
             q = q.to(device, non_blocking=True)
             scales = scales.to(device, non_blocking=True) if scales is not None else None
@@ -334,14 +358,15 @@ class FeatureStore:
     def image_table(self) -> "ImageTable":
         from morphcache.store.image_table import ImageTable
 
-        size = np.asarray(self.array("images/size")[:])
+        size = np.asarray(self.array("images/size")[:]).reshape(-1, 2)
         return ImageTable(
-            path=np.asarray(self.array("images/path")[:]).astype(str),
-            hash=np.asarray(self.array("images/hash")[:]).astype(str),
-            height=size[:, 0].astype(np.int32) if len(size) else np.zeros(0, np.int32),
-            width=size[:, 1].astype(np.int32) if len(size) else np.zeros(0, np.int32),
+            path=np.asarray(self.array("images/path")[:]).astype(object).astype(str),
+            hash=np.asarray(self.array("images/hash")[:]).astype(object).astype(str),
+            height=size[:, 0].astype(np.int32),
+            width=size[:, 1].astype(np.int32),
             label=np.asarray(self.array("images/label")[:]).astype(np.int32),
             status=np.asarray(self.array("images/status")[:]).astype(np.uint8),
+            class_names=list(self.group.attrs.get("class_names", [])),
         )
 
     def image_status(self) -> np.ndarray:
@@ -350,7 +375,7 @@ class FeatureStore:
     def ok_images(self) -> np.ndarray:
         """Ids of images whose chunk is complete and whose status is ok."""
         status = self.image_status()
-        done = np.repeat(self.progress().astype(bool), self.spec.chunk_images)[: self.spec.n_images]
+        done = np.repeat(self.progress() == 1, self.spec.chunk_images)[: self.spec.n_images]
         return np.flatnonzero((status == 0) & done)
 
     def ok_rows(self) -> np.ndarray:
@@ -359,21 +384,31 @@ class FeatureStore:
         imgs = self.ok_images()
         return (imgs[:, None] * V + np.arange(V)[None, :]).reshape(-1).astype(np.int64)
 
+    def close(self) -> None:
+        """Close cached shard file handles (also done on garbage collection)."""
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
+
     # ------------------------------------------------------------------ dask / xarray
     def to_dask(self, dequantize: bool = True) -> dict:
-        """Lazy dask arrays: ``tokens`` (R, T, D) float32 when ``dequantize`` (else raw), ``pooled``, ``views``,
-        ``scales`` (int8 stores), ``status`` per view (R,)."""
+        """Lazy dask arrays, one block per work chunk: ``tokens`` (R, T, D) float32 when ``dequantize`` (else
+        raw), ``pooled``, ``views``, ``scales`` (int8 stores), ``status`` per view (R,)."""
         import dask.array as da
 
-        out = {name: da.from_zarr(self.array(name)) for name in DATA_ARRAYS}
+        def load(name):
+            arr = self.array(name)
+            return da.from_zarr(arr, chunks=getattr(arr, "shards", None) or arr.chunks)
+
+        out = {name: load(name) for name in DATA_ARRAYS}
         if self.spec.dtype == "int8":
-            out["scales"] = da.from_zarr(self.array("scales"))
+            out["scales"] = load("scales")
             if dequantize:
                 out["tokens"] = out["tokens"].astype(np.float32) * out["scales"].astype(np.float32)[..., None]
         elif dequantize:
             out["tokens"] = out["tokens"].astype(np.float32)
-        status = da.from_zarr(self.array("images/status"))
-        out["status"] = da.repeat(status, self.spec.views_per_image, axis=0)
+        status = load("images/status")
+        out["status"] = da.repeat(status, self.spec.views_per_image, axis=0).rechunk(out["views"].chunks[0])
         return out
 
     def to_xarray(self, dequantize: bool = True):
@@ -402,6 +437,33 @@ class FeatureStore:
             "param": list(VIEW_FIELDS),
         }
         return xr.Dataset(data_vars, coords=coords, attrs={ATTR_KEY: self.spec.model_dump_json()})
+
+
+def _check_arrays(path: Path, group, spec: StoreSpec) -> None:
+    """Every array the spec requires exists with the right shape and dtype, else a one-line StoreError."""
+    expected = {
+        "tokens": ((spec.n_rows, spec.n_tokens, spec.dim), spec.dtype),
+        "pooled": ((spec.n_rows, spec.teacher.pooled_dim), "float16"),
+        "views": ((spec.n_rows, N_VIEW_PARAMS), "float32"),
+        "images/path": ((spec.n_images,), None),
+        "images/hash": ((spec.n_images,), None),
+        "images/size": ((spec.n_images, 2), "int32"),
+        "images/label": ((spec.n_images,), "int32"),
+        "images/status": ((spec.n_images,), "uint8"),
+        "progress": ((spec.n_chunks,), "uint8"),
+        "checksums": ((spec.n_chunks,), "uint64"),
+    }
+    if spec.dtype == "int8":
+        expected["scales"] = ((spec.n_rows, spec.n_tokens), "float16")
+    for name, (shape, dtype) in expected.items():
+        try:
+            arr = group[name]
+        except Exception:  # KeyError, or zarr errors for half-deleted metadata
+            raise StoreError(f"{path}: truncated store, array '{name}' is missing; delete it and re-run extract") from None
+        if tuple(arr.shape) != shape:
+            raise StoreError(f"{path}: array '{name}' has shape {tuple(arr.shape)}, spec requires {shape}; the store is damaged")
+        if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
+            raise StoreError(f"{path}: array '{name}' has dtype {arr.dtype}, spec requires {dtype}; the store is damaged")
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:

@@ -4,7 +4,7 @@ Teacher tokens barely compress losslessly (fp16 with blosc/zstd gives about 1.09
 quantization:
 
 - ``float16``: tokens stored as IEEE half; no scales.
-- ``int8``: symmetric per-token absmax. For a token ``x`` (D,), ``scale = max|x| / 127`` (stored float16) and
+- ``int8``: symmetric per-token absmax. For a token ``x`` (D,), ``scale = max|x| / 127`` (stored float16, rounded up) and
   ``q = round(x / scale)`` clipped to [-127, 127]. Storage is D + 2 bytes per token instead of 2 D, and the
   per-token cosine to the float original is about 0.9999 for teacher features.
 
@@ -25,11 +25,21 @@ def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
         return x.astype(np.float16), None
     if dtype != "int8":
         raise ValueError(f"unknown token dtype {dtype!r}; use 'int8' or 'float16'")
-    absmax = np.abs(x).max(axis=-1)
-    # Round the scale to float16 first, then quantize with exactly the scale that is stored.
-    scales = (absmax / INT8_MAX).astype(np.float16)
-    safe = np.where(scales > 0, scales.astype(np.float32), 1.0)
-    q = np.clip(np.rint(x / safe[..., None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    if x.size == 0:
+        return np.zeros(x.shape, np.int8), np.zeros(x.shape[:-1], np.float16)
+    absmax = np.maximum(x.max(axis=-1), -x.min(axis=-1))  # no |x| temporary
+    # Round the scale UP to float16 (so |x| / scale <= 127: no clipping, also for tiny subnormal scales), then
+    # quantize with exactly the scale that is stored.
+    exact = absmax / INT8_MAX
+    scales = exact.astype(np.float16)
+    low = scales.astype(np.float32) < exact
+    scales[low] = np.nextafter(scales[low], np.float16(np.inf))
+    s32 = scales.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
+    y = x * inv[..., None]
+    np.rint(y, out=y)
+    np.clip(y, -INT8_MAX, INT8_MAX, out=y)
+    q = y.astype(np.int8)
     return q, scales
 
 
@@ -44,10 +54,10 @@ def dequantize_torch(q, scales):
     """Torch version of :func:`dequantize` (works on any device); q (..., T, D), scales (..., T) or None."""
     import torch
 
-    q = torch.as_tensor(q)
-    if scales is None:
-        return q.to(torch.float32)
-    return q.to(torch.float32) * torch.as_tensor(scales).to(torch.float32).unsqueeze(-1)
+    out = torch.as_tensor(q).to(torch.float32)
+    if scales is not None:
+        out.mul_(torch.as_tensor(scales, device=out.device).to(torch.float32).unsqueeze(-1))
+    return out
 
 
 def token_cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -64,3 +74,20 @@ def bytes_per_view(dtype: str, n_tokens: int, dim: int, pooled_dim: int, n_view_
     token_bytes = n_tokens * dim * (1 if dtype == "int8" else 2)
     scale_bytes = n_tokens * 2 if dtype == "int8" else 0
     return token_bytes + scale_bytes + pooled_dim * 2 + n_view_params * 4
+
+
+def quantization_fidelity(x: np.ndarray, dtype: str) -> dict:
+    """Round-trip ``x`` (..., T, D) through ``dtype``: per-token cosine (mean, min, 0.1th percentile), max abs
+    error relative to each token's absmax, and stored bytes per token (values + scale)."""
+    x = np.asarray(x, dtype=np.float32)
+    q, scales = quantize(x, dtype)
+    y = dequantize(q, scales)
+    keep = np.abs(x).max(axis=-1) > 0  # all-zero tokens have no direction
+    cos = token_cosine(x, y)[keep]
+    absmax = np.abs(x).max(axis=-1, keepdims=True)
+    rel = (np.abs(x - y) / np.where(absmax > 0, absmax, 1.0)).max() if x.size else 0.0
+    per_token = x.shape[-1] * q.dtype.itemsize + (2 if scales is not None else 0)
+    return {"dtype": dtype, "cos_mean": float(cos.mean()) if cos.size else 1.0,
+            "cos_min": float(cos.min()) if cos.size else 1.0,
+            "cos_p001": float(np.quantile(cos, 0.001)) if cos.size else 1.0,
+            "max_rel_error": float(rel), "bytes_per_token": int(per_token)}

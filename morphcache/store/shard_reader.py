@@ -1,0 +1,211 @@
+"""Fast row reads from row-sharded zarr v3 arrays, straight from the shard files.
+
+Training reads batches of rows scattered over many shards; going through zarr costs 5-17 ms per random row here
+(each row is one inner chunk decoded through the async codec pipeline), this reader about 0.1 ms. It understands
+exactly the layout :class:`~morphcache.store.feature_store.FeatureStore` writes and returns None for anything
+else, in which case callers read through zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from morphcache.errors import StoreError
+
+_EMPTY = np.uint64(2**64 - 1)
+
+
+class ShardRowReader:
+    """Reads rows of a row-sharded zarr v3 array straight from its shard files.
+
+    Layout (zarr v3 ``sharding_indexed``, index at the end): shard ``s`` holds rows ``[s*S, (s+1)*S)`` in file
+    ``<array>/c/s/0[/0]``; its inner chunks of ``I`` rows are byte ranges listed by the index (per inner chunk a
+    little-endian uint64 offset and length, all ones when the chunk was never written or equals the fill value)
+    followed by the index's crc32c. Inner codecs ``bytes`` (+ ``blosc``) are supported; :meth:`for_array`
+    returns None for anything else, and callers then read through zarr.
+    """
+
+    def __init__(self, array_dir: Path, shape, shard_rows: int, inner_rows: int, dtype, fill, blosc: bool,
+                 open_shards: int = 128) -> None:
+        self.dir = array_dir
+        self.shape = tuple(shape)
+        self.row_shape = self.shape[1:]
+        self.shard_rows = shard_rows
+        self.inner_rows = inner_rows
+        self.dtype = np.dtype(dtype)
+        self.fill = fill
+        self.blosc = blosc
+        self.n_inner = shard_rows // inner_rows
+        self.inner_nbytes = inner_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.open_shards = open_shards
+        self.max_gap = 64 * 1024
+        self._cache: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_array(cls, array_dir: Path) -> "ShardRowReader | None":
+        try:
+            meta = json.loads((array_dir / "zarr.json").read_text())
+            shape = tuple(meta["shape"])
+            shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            (codec,) = meta["codecs"]
+            cfg = codec["configuration"]
+            inner = tuple(cfg["chunk_shape"])
+            names = [c["name"] for c in cfg["codecs"]]
+            endian = (cfg["codecs"][0].get("configuration") or {}).get("endian", "little")
+            index_names = [c["name"] for c in cfg["index_codecs"]]
+            key = meta["chunk_key_encoding"]
+            dtype = np.dtype(meta["data_type"])
+            fill = np.asarray(meta["fill_value"], dtype=dtype)
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        if (codec["name"] != "sharding_indexed" or cfg.get("index_location", "end") != "end"
+                or shard[1:] != shape[1:] or inner[1:] != shape[1:] or shard[0] % inner[0]
+                or names not in (["bytes"], ["bytes", "blosc"]) or index_names != ["bytes", "crc32c"]
+                or key.get("name") != "default" or (key.get("configuration") or {}).get("separator", "/") != "/"
+                or (dtype.itemsize > 1 and (endian != "little" or sys.byteorder != "little"))):
+            return None
+        return cls(array_dir, shape, shard[0], inner[0], dtype, fill, names[-1] == "blosc")
+
+    def shard_file(self, s: int) -> Path:
+        return self.dir.joinpath("c", str(s), *(["0"] * (len(self.shape) - 1)))
+
+    def _load_index(self, fd: int, path: Path) -> np.ndarray:
+        import google_crc32c
+
+        nbytes = self.n_inner * 16
+        size = os.fstat(fd).st_size
+        if size < nbytes + 4:
+            raise StoreError(f"{path}: shard file is truncated ({size} bytes); run `morphcache store verify`")
+        raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
+        if google_crc32c.value(raw[:nbytes]) != int.from_bytes(raw[nbytes:], "little"):
+            raise StoreError(f"{path}: shard index checksum mismatch, the store is damaged; run `morphcache store verify`")
+        return np.frombuffer(raw[:nbytes], dtype="<u8").reshape(self.n_inner, 2)
+
+    def _shard(self, s: int, cacheable: bool) -> tuple[int, np.ndarray, bool] | None:
+        """(fd, index (n_inner, 2), caller_closes) or None when the shard file does not exist."""
+        with self._lock:
+            hit = self._cache.get(s)
+            if hit is not None:
+                self._cache.move_to_end(s)
+                return hit[0], hit[1], False
+        path = self.shard_file(s)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            index = self._load_index(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not cacheable or self.open_shards <= 0:
+            return fd, index, True
+        with self._lock:
+            self._cache[s] = (fd, index)
+            while len(self._cache) > self.open_shards:
+                os.close(self._cache.popitem(last=False)[1][0])
+        return fd, index, False
+
+    def read(self, rows: np.ndarray, cacheable: Callable[[int], bool] = lambda s: False,
+             dest: np.ndarray | None = None, n_out: int | None = None) -> np.ndarray:
+        """Rows ``rows`` (sorted ascending, unique int64) -> array (n_out, *row_shape) of the stored dtype with
+        row ``rows[k]`` at ``out[dest[k]]`` (default: ``dest = arange``, ``n_out = len(rows)``); bytes are read
+        straight into their destination."""
+        out = np.empty((rows.size if n_out is None else n_out,) + self.row_shape, dtype=self.dtype)
+        if rows.size == 0:
+            return out
+        dest = np.arange(rows.size) if dest is None else np.asarray(dest, dtype=np.int64)
+        S = self.shard_rows
+        shard_ids = rows // S
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(shard_ids)) + 1, [rows.size]])
+        for g0, g1 in zip(starts[:-1], starts[1:]):
+            s = int(shard_ids[g0])
+            got = self._shard(s, cacheable(s))
+            if got is None:
+                out[dest[g0:g1]] = self.fill
+                continue
+            fd, index, close = got
+            try:
+                self._read_shard(fd, index, rows[g0:g1] - s * S, out, dest[g0:g1], s)
+            finally:
+                if close:
+                    os.close(fd)
+        return out
+
+    def _read_shard(self, fd: int, index: np.ndarray, local: np.ndarray, out: np.ndarray, dest: np.ndarray,
+                    s: int) -> None:
+        I, nb = self.inner_rows, self.inner_nbytes
+        ids = local // I
+        uniq = np.unique(ids)
+        off, ln = index[uniq, 0], index[uniq, 1]
+        empty = off == _EMPTY
+        # Runs of inner chunks that are adjacent both in the grid and on disk are fetched with one pread.
+        brk = np.ones(uniq.size, dtype=bool)
+        # Small gaps are read through (e.g. a whole scales shard in one pread instead of one per row).
+        gap = off[1:].astype(np.int64) - (off[:-1] + ln[:-1]).astype(np.int64)
+        brk[1:] = (gap < 0) | (gap > self.max_gap) | empty[1:] | empty[:-1]
+        starts = np.flatnonzero(brk)
+        ends = np.concatenate([starts[1:], [uniq.size]])
+        los = np.searchsorted(ids, uniq[starts], "left").tolist()
+        his = np.searchsorted(ids, uniq[ends - 1], "right").tolist()
+        for a, b, lo, hi in zip(starts.tolist(), ends.tolist(), los, his):
+            if empty[a]:
+                out[dest[lo:hi]] = self.fill
+                continue
+            total = int(off[b - 1] + ln[b - 1] - off[a])
+            n = b - a
+            if not self.blosc and hi - lo == n * I and total == n * nb:
+                # The wanted rows are exactly this run: read the bytes straight into their destinations.
+                d0 = int(dest[lo])
+                if hi - lo == 1 or np.all(np.diff(dest[lo:hi]) == 1):
+                    pieces = [(out[d0:d0 + hi - lo], int(off[a]))]
+                else:
+                    pieces = [(out[d:d + 1], int(off[a]) + k * nb // I) for k, d in enumerate(dest[lo:hi].tolist())]
+                for target, offset in pieces:
+                    if os.preadv(fd, [memoryview(target).cast("B")], offset) != target.nbytes:
+                        raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
+                continue
+            buf = os.pread(fd, total, int(off[a]))
+            if len(buf) != total:
+                raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
+            if self.blosc:
+                import numcodecs.blosc as blosc
+
+                block = np.empty((n * I,) + self.row_shape, dtype=self.dtype)
+                flat = block.reshape(n, -1).view(np.uint8)
+                rel = (off[a:b] - off[a]).astype(np.int64).tolist()
+                for k, length in enumerate(ln[a:b].astype(np.int64).tolist()):
+                    try:
+                        blosc.decompress(memoryview(buf)[rel[k]:rel[k] + length], flat[k])
+                    except Exception as exc:
+                        raise StoreError(f"{self.shard_file(s)}: undecodable inner chunk ({exc}); run `morphcache store verify`") from None
+            else:
+                if np.any(ln[a:b] != nb):
+                    raise StoreError(f"{self.shard_file(s)}: inner chunk size differs from {nb} bytes; the store is damaged")
+                rel = (off[a:b] - off[a]).astype(np.int64)
+                raw = np.frombuffer(buf, dtype=np.uint8)
+                if total != n * nb:
+                    raw = raw[rel[:, None] + np.arange(nb)[None, :]]
+                block = raw.view(self.dtype).reshape((n * I,) + self.row_shape)
+            which = np.searchsorted(uniq[a:b], ids[lo:hi]) * I + local[lo:hi] % I
+            out[dest[lo:hi]] = block[which]
+
+    def close(self) -> None:
+        with self._lock:
+            while self._cache:
+                os.close(self._cache.popitem()[1][0])
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
