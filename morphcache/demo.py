@@ -124,12 +124,10 @@ def run_demo(
         "DTM student": [str(runs["dtm"]["dir"] / "checkpoint.pt")],
     }
     for label, spec in backbones.items():
-        for protocol in ("knn", "linear"):
-            extra = ["--epochs", "30"] if protocol == "linear" else []
-            stage(f"eval {protocol} {label}", [
-                "eval", protocol, "--checkpoint", spec[0], "--dataset", dataset, "--results", str(results),
-                *spec[1:], *extra,
-            ])
+        stage(f"eval {label}", [
+            "eval", "frozen", "--checkpoint", spec[0], "--dataset", dataset, "--results", str(results),
+            *spec[1:], "--epochs", "30",
+        ])
     stage("report", ["report", str(runs["tokenwise"]["dir"]), str(runs["dtm"]["dir"]), "--out", str(out / "report"),
                      "--results", str(results)])
 
@@ -155,9 +153,15 @@ def _costs(extract_s: float, store: Path, runs: dict, results: Path, data, log: 
         train[name] = {"seconds": round(train_s, 1), "images": images,
                        "with_live_teacher_estimate_s": round(online_s, 1)}
     accuracy: dict[str, dict[str, float]] = {}
-    label_of = {v[0]: k for k, v in backbones.items()}
+    def label_of(spec: str) -> str:
+        for label, args in backbones.items():
+            want = args[0]
+            if spec == want or spec.split(":", 1)[-1] == want or want.split(":", 1)[-1] == spec.split(":", 1)[-1]:
+                return label
+        return spec
+
     for row in _last_rows(results):
-        label = label_of.get(str(row.get("backbone")), str(row.get("backbone")))
+        label = label_of(str(row.get("backbone")))
         acc = row.get("metrics", {}).get("top1", row.get("top1"))
         if acc is not None:
             accuracy.setdefault(label, {})[row.get("protocol", "?")] = float(acc)
@@ -195,7 +199,7 @@ def _print_summary(summary: dict) -> None:
     for p in protocols:
         acc.add_column(p)
     for label, vals in summary["accuracy"].items():
-        acc.add_row(label, *[f"{100 * vals[p]:.1f}%" if p in vals and not math.isnan(vals[p]) else "-" for p in protocols])
+        acc.add_row(label, *[f"{vals[p]:.1f}%" if p in vals and not math.isnan(vals[p]) else "-" for p in protocols])
     console.print(acc)
 
 

@@ -1,0 +1,264 @@
+"""``morphcache report``: one Markdown page with PNG figures across pretraining runs.
+
+Per run directory (each piece is optional; a missing one is noted, never fatal):
+
+- ``metrics.jsonl`` (lines with ``step``, ``loss``, optionally ``lr``, ``epoch``) -> ``loss_curves.png``;
+- ``eval.jsonl`` (rows from :mod:`morphcache.evaluate.results`), plus any extra results files -> an accuracy
+  table (latest top-1 per backbone x protocol x dataset) and ``accuracy.png``;
+- ``config.json`` naming a ``store`` plus a checkpoint (``*.pt``) in the run directory -> ``tokens_<run>.png``:
+  for the first few images, view 0 as stored (crop and flip; colour jitter not drawn), the teacher's cached
+  tokens and the student's tokens of the same view, each mapped to RGB by their first 3 principal components.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from morphcache.errors import MorphcacheError
+from morphcache.evaluate.results import read_results
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of ``run_dir/metrics.jsonl`` that have numeric ``step`` and ``loss``."""
+    return [r for r in read_results(run_dir / "metrics.jsonl")
+            if isinstance(r.get("step"), (int, float)) and isinstance(r.get("loss"), (int, float))]
+
+
+def plot_loss_curves(curves: dict[str, list[dict]], out: Path) -> Path | None:
+    """Loss (and lr when logged) against step, one line per run; None when no run logged a loss."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _plt()
+    has_lr = any(isinstance(r.get("lr"), (int, float)) for rows in curves.values() for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_lr else 1, figsize=(11 if has_lr else 6, 4), squeeze=False)
+    for label, rows in curves.items():
+        steps = np.array([r["step"] for r in rows], dtype=float)
+        loss = np.array([r["loss"] for r in rows], dtype=float)
+        line, = axes[0, 0].plot(steps, loss, alpha=0.35, lw=1)
+        if len(loss) >= 10:  # an exponential moving average makes noisy curves comparable
+            ema, acc = np.empty_like(loss), loss[0]
+            for i, v in enumerate(loss):
+                acc = 0.9 * acc + 0.1 * v
+                ema[i] = acc
+            axes[0, 0].plot(steps, ema, color=line.get_color(), lw=1.5, label=label)
+        else:
+            line.set_label(label)
+            line.set_alpha(1.0)
+        if has_lr:
+            lr_rows = [r for r in rows if isinstance(r.get("lr"), (int, float))]
+            axes[0, 1].plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], label=label)
+    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
+    axes[0, 0].legend(fontsize=8)
+    if has_lr:
+        axes[0, 1].set(xlabel="step", ylabel="lr", title="learning rate")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def accuracy_table(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(row labels, column labels, {(row, col): top1}) keeping the latest row per cell. Row label: ``run`` (when
+    the row came from a run directory) and backbone; column: ``protocol dataset[ <- source]``."""
+    cells: dict[tuple[str, str], tuple[str, float]] = {}
+    row_labels: list[str] = []
+    col_labels: list[str] = []
+    for r in rows:
+        top1 = (r.get("metrics") or {}).get("top1")
+        if not isinstance(top1, (int, float)) or "protocol" not in r:
+            continue
+        name = f"{r['_run']}: {r.get('backbone')}" if r.get("_run") else str(r.get("backbone"))
+        col = f"{r['protocol']} {r.get('dataset')}" + (f" <- {r['transfer_from']}" if r.get("transfer_from") else "")
+        stamp = str(r.get("timestamp", ""))
+        if (name, col) not in cells or stamp >= cells[(name, col)][0]:
+            cells[(name, col)] = (stamp, float(top1))
+        row_labels += [name] if name not in row_labels else []
+        col_labels += [col] if col not in col_labels else []
+    return row_labels, col_labels, {k: v for k, (_, v) in cells.items()}
+
+
+def markdown_table(row_labels, col_labels, cells) -> str:
+    head = "| model | " + " | ".join(col_labels) + " |\n|---|" + "---:|" * len(col_labels) + "\n"
+    body = "".join("| " + r + " | " + " | ".join(f"{cells[(r, c)]:.2f}" if (r, c) in cells else "-"
+                                                  for c in col_labels) + " |\n" for r in row_labels)
+    return head + body
+
+
+def plot_accuracy(row_labels, col_labels, cells, out: Path) -> Path:
+    """Grouped bars: one group per column (protocol x dataset), one bar per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(col_labels) * max(1, len(row_labels)) ** 0.5), 4))
+    width = 0.8 / max(1, len(row_labels))
+    x = np.arange(len(col_labels))
+    for i, r in enumerate(row_labels):
+        vals = [cells.get((r, c), np.nan) for c in col_labels]
+        ax.bar(x + (i - (len(row_labels) - 1) / 2) * width, vals, width, label=r)
+    ax.set_xticks(x, col_labels, rotation=15, ha="right", fontsize=8)
+    ax.set(ylabel="top-1 accuracy (%)", ylim=(0, 100), title="evaluation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """tokens ``(N, T, D)`` on a square grid -> RGB ``(N, h, w, 3)`` in [0, 1]: the first 3 principal components,
+    fitted jointly over all N images (so colours are comparable across images), min-max scaled per component."""
+    n, t, d = tokens.shape
+    side = int(round(t ** 0.5))
+    if side * side != t:
+        raise MorphcacheError(f"cannot draw {t} tokens as a square grid")
+    x = tokens.reshape(n * t, d).astype(np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = comps.min(axis=0), comps.max(axis=0)
+    rgb = (comps - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
+    return rgb.reshape(n, side, side, 3).astype(np.float32)
+
+
+def _find_checkpoint(run_dir: Path) -> Path | None:
+    for name in ("checkpoint.pt", "last.pt", "final.pt", "checkpoints/last.pt"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    found = sorted(list(run_dir.glob("*.pt")) + list(run_dir.glob("*/*.pt")), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _render_view(path: Path, view: np.ndarray, size: int) -> np.ndarray:
+    """Crop + resize + flip of a stored view (``VIEW_FIELDS`` order) -> uint8 (size, size, 3)."""
+    from PIL import Image
+
+    top, left, h, w, flip = (float(v) for v in view[:5])
+    with Image.open(path) as im:
+        im = im.convert("RGB").crop((int(left), int(top), int(left + w), int(top + h)))
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr[:, ::-1]) if flip >= 0.5 else arr
+
+
+def token_maps(run_dir: Path, out: Path, n_images: int = 4) -> Path:
+    """Draw view | teacher PCA | student PCA rows for the first ``n_images`` ok images of the run's store."""
+    import torch
+
+    from morphcache.evaluate.backbones import load_backbone
+    from morphcache.evaluate.features import prepare_images
+    from morphcache.store.feature_store import FeatureStore
+
+    config = json.loads((run_dir / "config.json").read_text())
+    store_path = Path(config["store"]).expanduser()
+    if not store_path.exists() and (run_dir / store_path).exists():
+        store_path = run_dir / store_path
+    store = FeatureStore.open(store_path)
+    ckpt = _find_checkpoint(run_dir)
+    if ckpt is None:
+        raise MorphcacheError(f"{run_dir} has no *.pt checkpoint")
+    images = store.ok_images()[:n_images]
+    if len(images) == 0:
+        raise MorphcacheError(f"store {store_path} has no finished images")
+    rows = images * store.spec.views_per_image
+    teacher_tokens = store.read_tokens_numpy(rows)
+    student = load_backbone(str(ckpt))
+    table = store.image_table()
+    root = Path(store.spec.dataset_root)
+    views = np.stack([_render_view(root / table.path[i], v, student.img_size)
+                      for i, v in zip(images, store.read_views(rows))])
+    with torch.no_grad():
+        student.eval()
+        student_tokens = student.tokens(prepare_images(views, student.img_size, student.mean, student.std)).numpy()
+    maps = [("view", views), (f"teacher {store.spec.teacher.name}", pca_rgb(teacher_tokens)),
+            ("student", pca_rgb(student_tokens))]
+    plt = _plt()
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+    for col, (title, arrs) in enumerate(maps):
+        for i in range(len(images)):
+            axes[i, col].imshow(arrs[i], interpolation="nearest")
+            axes[i, col].axis("off")
+        axes[0, col].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_files: Sequence[str | Path] = (),
+                 n_images: int = 4) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs for ``run_dirs``; returns the Markdown path."""
+    run_dirs = [Path(d) for d in run_dirs]
+    missing = [str(d) for d in run_dirs if not d.is_dir()]
+    if missing:
+        raise MorphcacheError(f"run directory {missing[0]} does not exist; pass directories written by morphcache train")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = _unique_labels(run_dirs)
+    lines = ["# morphcache report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
+
+    lines += ["## Training loss", ""]
+    curves = {labels[d]: read_metrics(d) for d in run_dirs}
+    png = plot_loss_curves(curves, out_dir / "loss_curves.png")
+    lines += [f"![loss curves]({png.name})" if png else "No run logged a loss (no metrics.jsonl).", ""]
+    for d in run_dirs:
+        rows = curves[labels[d]]
+        if rows:
+            lines.append(f"- {labels[d]}: {len(rows)} points, last step {rows[-1]['step']}, "
+                         f"last loss {rows[-1]['loss']:.4f}")
+    lines.append("")
+
+    lines += ["## Accuracy (top-1 %)", ""]
+    rows = [dict(r, _run=labels[d]) for d in run_dirs for r in read_results(d / "eval.jsonl")]
+    for f in results_files:
+        if not Path(f).is_file():
+            raise MorphcacheError(f"results file {f} does not exist; pass a file written by morphcache eval")
+        rows += read_results(f)
+    row_labels, col_labels, cells = accuracy_table(rows)
+    if cells:
+        lines += [markdown_table(row_labels, col_labels, cells), ""]
+        lines += [f"![accuracy]({plot_accuracy(row_labels, col_labels, cells, out_dir / 'accuracy.png').name})", ""]
+    else:
+        lines += ["No evaluation rows (eval.jsonl) found.", ""]
+
+    lines += ["## Token PCA maps", ""]
+    for d in run_dirs:
+        if not (d / "config.json").is_file():
+            lines.append(f"- {labels[d]}: skipped (no config.json)")
+            continue
+        try:
+            png = token_maps(d, out_dir / f"tokens_{labels[d]}.png", n_images)
+        except (MorphcacheError, OSError, KeyError, ValueError) as exc:
+            lines.append(f"- {labels[d]}: skipped ({' '.join(str(exc).split())})")
+            continue
+        lines += [f"### {labels[d]}", "", "First 3 principal components of the patch tokens as RGB "
+                  "(view 0 of each image; colour jitter not drawn).", "", f"![token maps {labels[d]}]({png.name})"]
+    lines.append("")
+    md = out_dir / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return md
+
+
+def _unique_labels(run_dirs: list[Path]) -> dict[Path, str]:
+    labels: dict[Path, str] = {}
+    for d in run_dirs:
+        base, i = d.resolve().name or "run", 1
+        label = base
+        while label in labels.values():
+            i += 1
+            label = f"{base}-{i}"
+        labels[d] = label
+    return labels
