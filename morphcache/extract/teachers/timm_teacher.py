@@ -3,14 +3,18 @@
 ``forward_features(x)`` returns ``(B, P + T, D)`` after the final norm, with ``P = num_prefix_tokens`` (CLS and
 register tokens) first; the teacher drops those ``P`` tokens. The pooled embedding is
 ``forward_head(features, pre_logits=True)`` (the model's own global pool: CLS token or mean, with ``fc_norm`` when
-the model has one). Weights come only from local files (``.safetensors``, ``.pth``/``.pt``/``.bin`` state dicts,
-loaded by timm with ``weights_only=True`` and passed through the model's checkpoint filter, which for example
-resamples position embeddings to ``image_size``).
+the model has one). For timm's global-average-pool ViTs (``*_gap_*``) ``norm`` is the identity and the final
+LayerNorm is ``fc_norm`` after pooling, so their tokens are the last block's un-normalized output.
+
+Weights come only from local files (``.safetensors``, or ``.pth``/``.pt``/``.bin`` state dicts read with
+``weights_only=True``), go through the model module's ``checkpoint_filter_fn`` (which e.g. resamples position
+embeddings to ``image_size``) and are loaded strictly apart from the classifier head.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -49,6 +53,35 @@ def timm_spec(model: torch.nn.Module, kind: str, name: str, pretrained: str | No
     )
 
 
+def _load_weights(model: torch.nn.Module, name: str, path: str) -> None:
+    """Load a local state dict strictly (timm's own pretrained path is lenient once the head is dropped).
+
+    The file goes through the model module's ``checkpoint_filter_fn`` (key renames, position-table resampling),
+    classifier weights are dropped (the teacher has no head), and any other missing or unexpected key is an error.
+    """
+    from timm.models import load_state_dict
+
+    try:
+        sd = load_state_dict(path)  # safetensors or torch.load(weights_only=True); unwraps state_dict/model keys
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            sd = filter_fn(sd, model)
+    except Exception as e:  # unpickling / safetensors header / filter errors all mean "not this model's weights"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load timm {name} weights from {path}: {first}") from e
+    heads = model.pretrained_cfg.get("classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
+        sd = {k: v for k, v in sd.items() if not k.startswith(f"{head}.")}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ConfigError(f"cannot load timm {name} weights from {path}: {first}") from e
+    if missing or unexpected:
+        raise ConfigError(f"timm weights {path} do not fit {name}: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}; pass weights of this architecture")
+
+
 def load_timm_teacher(name: str, pretrained: str | None = None, image_size: int | None = None,
                       projected: bool = False, device: str | torch.device = "cpu",
                       precision: Precision = "fp32") -> TimmTeacher:
@@ -75,14 +108,11 @@ def load_timm_teacher(name: str, pretrained: str | None = None, image_size: int 
     kwargs: dict = {"num_classes": 0}
     if image_size:
         kwargs["img_size"] = image_size
-    if pretrained is not None:
-        kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(pretrained)}
     try:
-        model = timm.create_model(name, pretrained=pretrained is not None, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ConfigError(f"timm model {name!r} does not accept img_size={image_size}: {e}") from e
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load timm {name} weights from {pretrained}: {first}") from e
+    if pretrained is not None:
+        _load_weights(model, name, pretrained)
     spec = timm_spec(model, "timm", name, pretrained, file_sha256(pretrained) if pretrained else None)
     return TimmTeacher(spec, model, device=device, precision=precision)
