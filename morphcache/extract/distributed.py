@@ -1,0 +1,142 @@
+"""Scale-out of extraction: static shards (``--shard I/N``) and dask.distributed (``--dask ADDRESS|local``).
+
+Both split the store's work chunks, the unit a writer owns (one zarr shard, one status chunk, one progress and
+checksum file each), so processes on different chunks never write the same file.
+
+- ``--shard I/N``: this process does the missing chunks ``c`` with ``c % N == I``; start N processes with any
+  launcher (SLURM array, a shell loop). The store is created under a lock, so shards may start together.
+- ``--dask``: the driver creates the store once, then submits one task per missing chunk. A task opens the store,
+  re-checks ``progress[c]`` (skips done chunks, so a re-run or a retried task is harmless) and runs the same
+  overlapped pipeline as a local run. Teacher and DALI renderer are built once per worker process and cached in a
+  module-level global. ``local`` starts an embedded ``LocalCluster`` (``--dask-workers`` processes, one thread
+  each; default one per core); anything else is a scheduler address.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from morphcache.errors import ConfigError
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+#: Per-worker-process caches: (teacher args, batch size, workers) -> ChunkExtractor; (store, fingerprint) -> table.
+_WORKER_EXTRACTORS: dict = {}
+_WORKER_TABLES: dict = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    m = _SHARD.match(text or "")
+    if not m:
+        raise ConfigError(f"--shard {text!r}: write it as I/N, e.g. 0/4 for the first of four shards")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
+    return i, n
+
+
+def shard_chunks(chunks, index: int, count: int) -> list[int]:
+    """The chunks of shard ``index`` of ``count`` (``c % count == index``), in order."""
+    return [int(c) for c in chunks if int(c) % count == index]
+
+
+def rows_in(store, chunks) -> int:
+    """Rows (views) of ``chunks``, skipped images included."""
+    return int(sum(b - a for a, b in (store.chunk_row_range(c) for c in chunks)))
+
+
+def _extractor(teacher_args: dict, batch_size: int, workers: int):
+    """The worker's cached :class:`ChunkExtractor` (teacher loaded once per worker process)."""
+    from morphcache.extract.pipeline import ChunkExtractor, build_teacher
+
+    key = (tuple(sorted(teacher_args.items())), int(batch_size), int(workers))
+    with _WORKER_LOCK:
+        ex = _WORKER_EXTRACTORS.get(key)
+        if ex is None:
+            ex = _WORKER_EXTRACTORS[key] = ChunkExtractor(build_teacher(**teacher_args), batch_size, workers)
+    return ex
+
+
+def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_size: int, workers: int,
+                       on_bad_image: str, threads: int | None = None) -> dict:
+    """One dask task: extract ``chunk`` of the store unless it is already done. Returns RunStats as a dict.
+
+    ``threads`` sets torch's intra-op threads in the worker (default: the worker's own setting, one thread per
+    dask worker thread under a nanny).
+    """
+    import torch
+
+    from morphcache.store.feature_store import FeatureStore
+
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    store = FeatureStore.open(store_path, mode="a")
+    if int(store.progress()[chunk]) == 1:
+        return {"chunks": [], "views": 0, "bad": []}
+    ex = _extractor(teacher_args, batch_size, workers)
+    with _WORKER_LOCK:  # one chunk at a time per process: the teacher and the DALI pipeline are not shared
+        key = (str(store.path.resolve()), store.spec.dataset_fingerprint)
+        if key not in _WORKER_TABLES:
+            _WORKER_TABLES.clear()
+            _WORKER_TABLES[key] = store.image_table()
+        stats = ex.run(store, [chunk], images=_WORKER_TABLES[key], on_bad_image=on_bad_image)
+    return {"chunks": stats.chunks, "views": stats.views, "bad": stats.bad}
+
+
+def _client(address: str | None, n_workers: int | None):
+    """(client, cluster or None): an embedded LocalCluster for ``None``/``"local"``, else a scheduler address."""
+    from dask.distributed import Client, LocalCluster
+
+    from morphcache.extract.pipeline import cpu_count
+
+    if address in (None, "", "local"):
+        cluster = LocalCluster(n_workers=n_workers or cpu_count(), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), cluster
+    try:
+        return Client(address, timeout="30s"), None
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"--dask {address}: cannot reach the dask scheduler ({type(exc).__name__}); "
+                          "check the address or use --dask local") from None
+
+
+def run_dask(store, chunks, opts):
+    """Fan ``chunks`` of ``store`` out as one task per chunk; returns the merged RunStats."""
+    from dask.distributed import as_completed
+
+    from morphcache.extract.pipeline import RunStats
+    from morphcache.progress import progress_bar
+
+    stats = RunStats()
+    if not chunks:
+        return stats
+    client, cluster = _client(opts.dask, opts.dask_workers)
+    t0 = time.perf_counter()
+    try:
+        total = rows_in(store, chunks)
+        futures = [
+            client.submit(extract_chunk_task, str(store.path), int(c), opts.teacher_args(), opts.batch_size,
+                          opts.workers, opts.on_bad_image, opts.threads, key=f"morphcache-extract-{store.path.name}-{c}",
+                          pure=False)
+            for c in chunks
+        ]
+        with progress_bar(total=total, description="extract (dask)", unit="views") as bar:
+            try:
+                for fut in as_completed(futures):
+                    res = fut.result()  # re-raises a task's error (e.g. BadImageError under --on-bad-image fail)
+                    stats.merge(RunStats(chunks=list(res["chunks"]), views=int(res["views"]),
+                                         bad=[tuple(b) for b in res["bad"]]))
+                    bar.advance(rows_in(store, res["chunks"]))
+                stats.pipeline_seconds = time.perf_counter() - t0  # includes the workers' teacher loading
+            except BaseException:
+                client.cancel(futures)
+                raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return stats

@@ -1,0 +1,202 @@
+"""Bad and unusual images: skip records the reason and loses nothing else; fail stops with one line, exit 2."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from morphcache.cli import main
+from morphcache.store.image_table import (
+    STATUS_CORRUPT,
+    STATUS_EMPTY,
+    STATUS_NOT_IMAGE,
+    STATUS_OK,
+    STATUS_TRUNCATED,
+)
+
+ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
+        "--chunk-images", "2", "--dtype", "float16", "--seed", "11"]
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def solid_png(width: int, height: int, value: int = 90) -> bytes:
+    """A grayscale 8-bit PNG of one value, built directly (10000 x 10000 compresses to about 100 KB)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    row = b"\x00" + bytes([value]) * width
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def picture(seed: int, h: int = 40, w: int = 52) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 5) % 256, (yy * 7) % 256, ((xx + yy) * 3) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8))
+
+
+#: file name -> expected status
+EXPECTED = {
+    "a_good.png": STATUS_OK,
+    "b_corrupt.png": STATUS_CORRUPT,
+    "c_cmyk.jpg": STATUS_OK,
+    "d_gray.png": STATUS_OK,
+    "e_empty.png": STATUS_EMPTY,
+    "f_rgba.png": STATUS_OK,
+    "g_palette.png": STATUS_OK,
+    "h_truncated.jpg": STATUS_TRUNCATED,
+    "i_sixteen_bit.png": STATUS_OK,
+    "j_notes.jpg": STATUS_NOT_IMAGE,
+    "k_tiny.png": STATUS_OK,
+    "l_huge.png": STATUS_OK,
+    "m_truncated.png": STATUS_TRUNCATED,
+    "n_good.jpg": STATUS_OK,
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("zoo")
+    pic = picture(0)
+    png, jpg = encode(pic, "PNG"), encode(picture(1), "JPEG", quality=90)
+    sixteen = (np.arange(40 * 52).reshape(40, 52) * 31 % 65536).astype(np.uint16)
+    files = {
+        "a_good.png": png,
+        "b_corrupt.png": png[:33] + bytes(np.random.default_rng(3).integers(0, 256, 400, dtype=np.uint8)),
+        "c_cmyk.jpg": encode(picture(2).convert("CMYK"), "JPEG"),
+        "d_gray.png": encode(picture(3).convert("L"), "PNG"),
+        "e_empty.png": b"",
+        "f_rgba.png": encode(picture(4).convert("RGBA"), "PNG"),
+        "g_palette.png": encode(picture(5).convert("P"), "PNG"),
+        "h_truncated.jpg": jpg[: len(jpg) // 2],
+        "i_sixteen_bit.png": encode(Image.fromarray(sixteen), "PNG"),
+        "j_notes.jpg": b"these are notes, not a picture\n",
+        "k_tiny.png": encode(picture(6, 3, 2), "PNG"),  # smaller than the 32 px output
+        "l_huge.png": solid_png(10000, 10000),
+        "m_truncated.png": png[: len(png) // 2],
+        "n_good.jpg": jpg,
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="module")
+def skipped_store(zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("skip") / "store"
+    return out
+
+
+def test_skip_records_reasons_and_keeps_everything_else(zoo, skipped_store, capsys):
+    from morphcache.store.feature_store import FeatureStore
+
+    assert main(["extract", "--data", str(zoo), "--out", str(skipped_store), *ARGS]) == 0
+    stdout = capsys.readouterr().out
+    store = FeatureStore.open(skipped_store)
+    assert store.is_complete()
+    table = store.image_table()
+    names = [str(p) for p in table.path]
+    assert names == sorted(EXPECTED)
+    status = store.image_status()
+    assert {n: int(s) for n, s in zip(names, status)} == EXPECTED
+    good = np.array([EXPECTED[n] == STATUS_OK for n in names])
+    rows_good = np.repeat(good, 2)
+    np.testing.assert_array_equal(store.ok_rows(), np.flatnonzero(rows_good))
+    tokens = store.read_tokens_numpy(slice(0, store.n_rows))
+    views = store.read_views(slice(0, store.n_rows))
+    assert not tokens[~rows_good].any() and not views[~rows_good].any()  # skipped rows keep zeros
+    assert (np.abs(tokens[rows_good]).sum(axis=(1, 2)) > 0).all()  # every other view was extracted
+    assert (views[rows_good, 2] > 0).all()
+    huge = names.index("l_huge.png")
+    assert table.height[huge] == 10000 and views[2 * huge:2 * huge + 2, :4].max() <= 10000
+    assert "skipped images:" in stdout
+    for reason in ("truncated file 2", "empty file 1", "not an image 1", "corrupt or unreadable image data 1"):
+        assert reason in stdout
+
+
+def test_skipped_store_replays(skipped_store):
+    """The good views of a store with skipped images are exactly the teacher's tokens of the rendered views."""
+    from morphcache.extract.replay import replay_check
+
+    report = replay_check(skipped_store, rows=6)
+    assert report.rows == 6 and report.passed, report.line()
+
+
+def test_fail_stops_with_one_line_and_keeps_finished_chunks(zoo, skipped_store, tmp_path, capsys):
+    from morphcache.store.feature_store import FeatureStore
+
+    data = tmp_path / "mostly_good"
+    data.mkdir()
+    for name in ("a_good.png", "c_cmyk.jpg", "d_gray.png", "f_rgba.png", "g_palette.png", "i_sixteen_bit.png"):
+        (data / name).write_bytes((zoo / name).read_bytes())
+    (data / "z_truncated.jpg").write_bytes((zoo / "h_truncated.jpg").read_bytes())  # last chunk (3 of 0..3)
+    good_only = tmp_path / "skip"
+    assert main(["extract", "--data", str(data), "--out", str(good_only), *ARGS]) == 0
+    capsys.readouterr()
+    out = tmp_path / "fail"
+    rc = main(["extract", "--data", str(data), "--out", str(out), *ARGS, "--on-bad-image", "fail"])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[extract")]
+    assert rc == 2
+    assert len(err) == 1 and "z_truncated.jpg" in err[0] and "truncated" in err[0], err
+    store, ref = FeatureStore.open(out), FeatureStore.open(good_only)
+    assert store.progress().tolist() == [1, 1, 1, 0]
+    a, b = store.read_raw(slice(0, 12)), ref.read_raw(slice(0, 12))
+    assert a[0].tobytes() == b[0].tobytes()  # finished chunks intact and identical to the skip run
+    np.testing.assert_array_equal(store.read_views(slice(0, 12)), ref.read_views(slice(0, 12)))
+    # after removing the file the same command cannot resume (the manifest changed): refused, not overwritten
+    (data / "z_truncated.jpg").unlink()
+    assert main(["extract", "--data", str(data), "--out", str(out), *ARGS, "--on-bad-image", "fail"]) == 2
+    assert "dataset_fingerprint" in capsys.readouterr().err
+
+
+def test_an_image_dali_rejects_late_is_skipped_without_losing_its_batch(zoo, tmp_path):
+    """If DALI fails on an image that passed the checks, that image is marked corrupt and the rest still renders."""
+    from morphcache.errors import BadImageError
+    from morphcache.extract.manifest import build_manifest
+    from morphcache.extract.pipeline import make_renderer
+    from morphcache.extract.views import ViewSampler
+    from morphcache.extract.workers import BatchRenderer, ChunkSource
+    from morphcache.schemas import AugmentSpec, TeacherSpec
+
+    table, root = build_manifest(zoo)
+    keep = [i for i, p in enumerate(table.path) if str(p) in ("a_good.png", "c_cmyk.jpg", "d_gray.png")]
+    table = table.subset(keep)
+    source = ChunkSource(root, table, ViewSampler(AugmentSpec(), 0), 2, 3)
+    plan, encoded = source.load_chunk(0)
+    poisoned = encoded[1]  # c_cmyk.jpg's canonical bytes
+
+    class RejectingRenderer:
+        """The real DALI renderer, except that it reports one image as undecodable (as DaliRenderer does)."""
+
+        def __init__(self):
+            spec = TeacherSpec(kind="timm", name="t", image_size=32, patch_size=16, dim=8, pooled_dim=8)
+            self.inner = make_renderer(spec, AugmentSpec(), 4, 1)
+
+        def render(self, enc, params):
+            for k, e in enumerate(enc):
+                if e is poisoned:
+                    err = BadImageError("view could not be rendered by DALI")
+                    err.reason, err.index = STATUS_CORRUPT, k
+                    raise err
+            return self.inner.render(enc, params)
+
+    batches = list(BatchRenderer(RejectingRenderer(), 4).batches(plan, encoded))
+    assert plan.status.tolist() == [STATUS_OK, STATUS_CORRUPT, STATUS_OK]
+    assert plan.bad == [("c_cmyk.jpg", STATUS_CORRUPT)]
+    assert not plan.views[2:4].any() and plan.views[[0, 1, 4, 5], 2].min() > 0
+    assert [b.rows.tolist() for b in batches] == [[0, 1, 4, 5]]  # the failed batch was re-rendered without it
+    assert plan.render_rows.tolist() == [0, 1, 4, 5]
