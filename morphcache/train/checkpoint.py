@@ -1,0 +1,117 @@
+"""Training checkpoints that resume a run exactly, readable with ``torch.load(weights_only=True)``.
+
+Format (a superset of the one documented in :mod:`morphcache.train.student`)::
+
+    {
+        "model": student (or MAE/LUT model) state_dict,
+        "config": RunConfig.model_dump(mode="json"),
+        "target_dim": int, "img_size": int, "mean": [3 floats], "std": [3 floats],
+        "objective": objective state_dict (extra modules: MAE decoder, LUT projector / EMA teacher...) or {},
+        "optimizer": AdamW state_dict,
+        "schedule": WarmupCosine.state_dict() (plain types),
+        "step": optimizer steps done, "micro_step": loader position (global micro-batch index),
+        "epoch": epoch of the next micro-batch, "sampler": EpochSampler.state_dict(),
+        "rng": {"torch": uint8 tensor, "numpy": {...tensors and ints}, "python": {...}},
+        "store_spec": StoreSpec JSON dict,
+    }
+
+RNG states are converted to tensors and plain types because ``weights_only`` unpickling refuses numpy objects.
+The file is written to ``path.tmp`` and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from morphcache.errors import MorphcacheError
+
+
+def rng_state() -> dict:
+    """torch, numpy-global and python-random states as tensors / plain types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": None if gauss is None else float(gauss)},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+
+
+def _generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held by ``module``, its submodules, or plain helper objects they hold (e.g. a
+    ``DTMLoss``), keyed by attribute path."""
+    found: dict[str, torch.Generator] = {}
+    for prefix, mod in module.named_modules():
+        for key, value in vars(mod).items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, torch.Generator):
+                found[name] = value
+            elif not isinstance(value, (torch.nn.Module, torch.Tensor)) and hasattr(value, "__dict__"):
+                for sub, inner in vars(value).items():
+                    if isinstance(inner, torch.Generator):
+                        found[f"{name}.{sub}"] = inner
+    return found
+
+
+def generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """States of every generator of :func:`_generators` (objective mask / DTM case RNGs)."""
+    return {name: gen.get_state() for name, gen in _generators(module).items()}
+
+
+def set_generator_states(module: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`generator_states`; a generator missing from ``states`` is an error (other objective)."""
+    current = _generators(module)
+    if set(current) != set(states):
+        raise MorphcacheError(f"checkpoint generators {sorted(states)} do not match the objective's {sorted(current)}")
+    for name, state in states.items():
+        current[name].set_state(state)
+
+
+def reseed_generators(module: torch.nn.Module, seed: int, rank: int) -> None:
+    """Give rank ``rank`` its own streams (DDP ranks must not draw identical MAE masks)."""
+    for i, (_, gen) in enumerate(sorted(_generators(module).items())):
+        gen.manual_seed(int(seed) * 1_000_003 + rank * 7919 + i)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` (plus the current RNG states) atomically to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload)
+    data["rng"] = rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint with ``weights_only=True`` (CPU tensors); one-line error if it is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise MorphcacheError(f"{path}: no checkpoint to resume from; run without --resume to start the run")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip / unpickling errors
+        raise MorphcacheError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it or restore a backup") from None
+    required = ("model", "config", "optimizer", "schedule", "step", "micro_step", "rng")
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise MorphcacheError(f"{path}: not a resumable morphcache checkpoint (missing {', '.join(missing)})")
+    return data

@@ -1,0 +1,231 @@
+"""The training loader: DALI renders the stored views for the student; the cached targets of the same rows follow.
+
+Per micro-batch ``g`` (a global index; see :mod:`morphcache.train.sampler`):
+
+- a parallel ``fn.external_source`` (``parallel=True``, ``py_num_workers`` processes) calls :class:`ViewSource`
+  per sample. ``ViewSource`` is stateless and picklable: it holds the store path, the sampler (ok image ids,
+  seed) and an offset, maps ``SampleInfo.idx_in_epoch`` to the global sample ``start * B + idx``, and returns the
+  canonical encoded bytes of the row's image (:func:`~morphcache.extract.images.load_canonical_bytes`), its stored
+  ViewParams and the row id. It never raises ``StopIteration``: the stream is endless and the loop takes what it
+  needs. In each worker it opens the store once and keeps the ``views`` array (36 bytes per row) and image paths.
+- the rendering is extraction's own :func:`~morphcache.extract.render_dali.build_view_pipeline`, at the student's
+  input size (plus the teacher's size for ``--teacher-online``, plus a second view for LUT), so the student sees
+  exactly the pixels the teacher saw.
+- targets are read in the main process, by :class:`TargetPrefetcher` on a background thread, with
+  ``FeatureStore.read_tokens`` for the batch's rows (zarr reads them in sorted order and scatters back), a few
+  batches ahead. The rows DALI returns are checked against the sampler's, so images and targets cannot drift.
+
+``Batch(images (B,3,S,S) float32, targets (B,T,D) float32 | None, rows (B,) int64)`` plus optional
+``images2``/``rows2`` (LUT's second view) and ``teacher_images`` (B,3,St,St) (online teacher).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from morphcache.train.sampler import EpochSampler
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported lazily: spawned DALI workers never need it
+    import torch
+
+
+@dataclass
+class Batch:
+    """One micro-batch. ``targets`` is None when the teacher runs online (``teacher_images`` set instead)."""
+
+    images: torch.Tensor  # (B, 3, S, S) float32, normalized
+    targets: torch.Tensor | None  # (B, T, D) float32, dequantized
+    rows: torch.Tensor  # (B,) int64 store rows
+    images2: torch.Tensor | None = None  # (B, 3, S, S) second view (LUT)
+    rows2: torch.Tensor | None = None  # (B,) int64
+    teacher_images: torch.Tensor | None = None  # (B, 3, St, St) at the teacher's size (--teacher-online)
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """What to render: student side, optional teacher side, normalization, interpolation, second view."""
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "linear"
+    teacher_size: int | None = None
+    second_view: bool = False
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.img_size,) if self.teacher_size is None else (self.img_size, self.teacher_size)
+
+
+class ViewSource:
+    """Per-sample callable: global sample -> (encoded uint8 (n,), params float32 (P,), row int64 (1,)[, params2, row2]).
+
+    Picklable (plain fields only); the store is opened lazily in whichever process calls it.
+    """
+
+    def __init__(self, store_path: str, sampler: EpochSampler, image_root: str | None = None,
+                 start_step: int = 0) -> None:
+        self.store_path = str(store_path)
+        self.sampler = sampler
+        self.image_root = image_root
+        self.start_sample = int(start_step) * sampler.batch_size
+        self._views: np.ndarray | None = None
+        self._paths: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_views"] = state["_paths"] = None
+        return state
+
+    def _open(self) -> None:
+        from morphcache.store.feature_store import FeatureStore
+
+        store = FeatureStore.open(self.store_path)
+        root = self.image_root if self.image_root is not None else store.spec.dataset_root
+        self._views = np.asarray(store.array("views")[:], dtype=np.float32)  # (R, P)
+        paths = np.asarray(store.array("images/path")[:]).astype(object)  # StringDType -> python str
+        self._paths = np.array([os.path.join(root, str(p)) for p in paths], dtype=object)
+
+    def image_bytes(self, row: int) -> np.ndarray:
+        from morphcache.extract.images import load_canonical_bytes
+
+        if self._paths is None:
+            self._open()
+        data, _ = load_canonical_bytes(self._paths[row // self.sampler.views_per_image], verify=False)
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def sample(self, global_sample: int) -> tuple[np.ndarray, ...]:
+        if self._views is None:
+            self._open()
+        row, row2 = self.sampler.sample_rows(global_sample)
+        out = (self.image_bytes(row), self._views[row], np.array([row], dtype=np.int64))
+        if self.sampler.second_view:
+            out += (self._views[row2], np.array([row2], dtype=np.int64))
+        return out
+
+    def __call__(self, sample_info) -> tuple[np.ndarray, ...]:
+        return self.sample(self.start_sample + int(sample_info.idx_in_epoch))
+
+
+class TargetPrefetcher:
+    """Reads dequantized targets (B, T, D) for micro-batches ahead of use on one background thread."""
+
+    def __init__(self, store, sampler: EpochSampler, start_step: int, depth: int = 2, device: str | None = None):
+        self.store, self.sampler, self.device = store, sampler, device
+        self.next_step = int(start_step)
+        self.depth = max(1, int(depth))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="targets")
+        self._pending: dict[int, Future] = {}
+
+    def _submit(self, step: int) -> None:
+        rows = self.sampler.batch_rows(step)
+        self._pending[step] = self._pool.submit(self.store.read_tokens, np.sort(rows), self.device)
+
+    def get(self, step: int, rows: np.ndarray) -> "torch.Tensor":
+        """Targets of micro-batch ``step`` in the order of ``rows`` (which must be that batch's rows)."""
+        import torch
+
+        for s in range(step, step + self.depth + 1):
+            if s not in self._pending:
+                self._submit(s)
+        sorted_targets = self._pending.pop(step).result()
+        expected = self.sampler.batch_rows(step)
+        if not np.array_equal(np.asarray(rows), expected):
+            raise RuntimeError(f"loader out of step at micro-batch {step}: rendered rows differ from the sampler's")
+        order = np.argsort(np.argsort(expected, kind="stable"), kind="stable")  # rank of each row among sorted
+        return sorted_targets[torch.from_numpy(order)]
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
+def _to_torch(tl) -> "torch.Tensor":
+    """A uniform DALI CPU TensorList -> torch tensor (copies)."""
+    import torch
+
+    return torch.from_numpy(np.array(tl.as_tensor()))
+
+
+class DaliTrainLoader:
+    """Endless iterator of :class:`Batch` from micro-batch ``start_step`` on, rendered by a DALI pipeline.
+
+    Args:
+        store: an open ``FeatureStore``; sampler: the run's :class:`EpochSampler`; render: :class:`RenderSpec`.
+        workers: ``py_num_workers`` of the parallel external source; threads: DALI CPU operator threads.
+        read_targets: False when the teacher runs online (``Batch.targets`` is then None).
+        start_method: ``"spawn"`` (default; workers receive the pickled :class:`ViewSource`) or ``"fork"``.
+    """
+
+    def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
+                 threads: int = 1, read_targets: bool = True, image_root: str | None = None,
+                 prefetch: int = 2, start_method: str = "spawn") -> None:
+        self.store, self.sampler, self.render = store, sampler, render
+        self.start_step = int(start_step)
+        self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step)
+        self.targets = TargetPrefetcher(store, sampler, start_step, prefetch) if read_targets else None
+        self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, workers), threads,
+                                     prefetch, start_method)
+
+    def __iter__(self) -> Iterator[Batch]:
+        step = self.start_step
+        while True:
+            outs = self._pipe.run()
+            yield self._batch(step, outs)
+            step += 1
+
+    def _batch(self, step: int, outs) -> Batch:
+        n_sizes = len(self.render.sizes)
+        images = [_to_torch(o) for o in outs[:n_sizes]]
+        rows = _to_torch(outs[n_sizes]).reshape(-1).long()
+        batch = Batch(images=images[0], targets=None, rows=rows)
+        if self.render.teacher_size is not None:
+            batch.teacher_images = images[1]
+        if self.render.second_view:
+            batch.images2 = _to_torch(outs[n_sizes + 1])
+            batch.rows2 = _to_torch(outs[n_sizes + 2]).reshape(-1).long()
+        if self.targets is not None:
+            batch.targets = self.targets.get(step, rows.numpy())
+        return batch
+
+    def close(self) -> None:
+        if self.targets is not None:
+            self.targets.close()
+        self._pipe = None  # dropping the pipeline stops its worker processes
+
+
+def _build_pipeline(source: ViewSource, render: RenderSpec, batch_size: int, workers: int, threads: int,
+                    prefetch: int, start_method: str):
+    """The DALI pipeline: parallel external source -> build_view_pipeline at each size (and the second view)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from morphcache.extract.render_dali import build_view_pipeline
+
+    second = render.second_view
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, py_num_workers=workers,
+                  py_start_method=start_method, prefetch_queue_depth=max(1, prefetch), exec_dynamic=True)
+    def train_pipeline():
+        dtypes = [types.UINT8, types.FLOAT, types.INT64] + ([types.FLOAT, types.INT64] if second else [])
+        outs = fn.external_source(source=source, num_outputs=len(dtypes), parallel=True, batch=False,
+                                  dtype=dtypes)
+        encoded, params, rows = outs[0], outs[1], outs[2]
+        images = build_view_pipeline(encoded, params, sizes=render.sizes, mean=render.mean, std=render.std,
+                                     interpolation=render.interpolation)
+        result = list(images) + [rows]
+        if second:
+            images2 = build_view_pipeline(encoded, outs[3], sizes=(render.img_size,), mean=render.mean,
+                                          std=render.std, interpolation=render.interpolation)
+            result += [images2[0], outs[4]]
+        return tuple(result)
+
+    pipe = train_pipeline()
+    pipe.build()
+    return pipe

@@ -1,0 +1,113 @@
+"""The torch DataLoader fallback of the training loader, for machines without DALI.
+
+It serves the SAME micro-batches as :class:`~morphcache.train.loader.DaliTrainLoader`: the same
+:class:`~morphcache.train.sampler.EpochSampler` rows, the same :class:`~morphcache.train.loader.ViewSource` (bytes
+from ``load_canonical_bytes`` + stored ViewParams) and the same :class:`~morphcache.train.loader.TargetPrefetcher`,
+so rows and targets are identical. Pixels come from the PIL renderer
+(:func:`~morphcache.extract.render_pil.render_pil`), which copies DALI's maths but is not bit-exact: the difference
+is measured (:mod:`morphcache.extract.render_fidelity`, and ``tests/test_train_loader.py``), not assumed. Use the
+DALI loader when the student must see exactly the pixels the teacher saw.
+
+Rendering runs in ``workers`` DataLoader processes (0 = in the main process).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from morphcache.train.loader import Batch, RenderSpec, TargetPrefetcher, ViewSource
+from morphcache.train.sampler import EpochSampler
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset over global sample ids: ``ds[g] -> dict`` of rendered views (3, S, S) and row ids."""
+
+    def __init__(self, source: ViewSource, render: RenderSpec) -> None:
+        self.source, self.render = source, render
+
+    def __len__(self) -> int:  # endless stream; DataLoader only needs the batch sampler
+        return 2**62
+
+    def _draw(self, encoded: bytes, params: np.ndarray, size: int) -> torch.Tensor:
+        from morphcache.extract.render_pil import render_pil
+
+        r = self.render
+        return render_pil([encoded], params[None].astype(np.float32), size, r.mean, r.std, r.interpolation)[0]
+
+    def __getitem__(self, global_sample: int) -> dict:
+        out = self.source.sample(int(global_sample))
+        encoded = out[0].tobytes()
+        item = {"images": self._draw(encoded, out[1], self.render.img_size), "rows": torch.from_numpy(out[2])}
+        if self.render.teacher_size is not None:
+            item["teacher_images"] = self._draw(encoded, out[1], self.render.teacher_size)
+        if self.render.second_view:
+            item["images2"] = self._draw(encoded, out[3], self.render.img_size)
+            item["rows2"] = torch.from_numpy(out[4])
+        return item
+
+
+class _StepBatches:
+    """Batch sampler: micro-batch ``g`` is the global samples ``[g*B, (g+1)*B)``, from ``start`` on, endless."""
+
+    def __init__(self, start: int, batch_size: int) -> None:
+        self.start, self.batch_size = int(start), int(batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.start
+        while True:
+            yield list(range(g * self.batch_size, (g + 1) * self.batch_size))
+            g += 1
+
+
+class TorchTrainLoader:
+    """Endless iterator of :class:`Batch` from micro-batch ``start_step`` on (same arguments as the DALI loader)."""
+
+    def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
+                 threads: int = 1, read_targets: bool = True, image_root: str | None = None,
+                 prefetch: int = 2, start_method: str = "spawn") -> None:
+        del threads  # DALI-only knob; accepted so both loaders share one signature
+        self.sampler, self.render, self.start_step = sampler, render, int(start_step)
+        source = ViewSource(str(store.path), sampler, image_root, start_step=0)
+        kwargs = {}
+        if workers > 0:
+            kwargs = {"prefetch_factor": max(1, prefetch), "multiprocessing_context": start_method,
+                      "persistent_workers": False}
+        self._loader = torch.utils.data.DataLoader(
+            _ViewDataset(source, render), batch_sampler=_StepBatches(start_step, sampler.batch_size),
+            num_workers=workers, **kwargs,
+        )
+        self.targets = TargetPrefetcher(store, sampler, start_step, prefetch) if read_targets else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        step = self.start_step
+        for item in self._loader:
+            rows = item["rows"].reshape(-1).long()
+            batch = Batch(images=item["images"], targets=None, rows=rows,
+                          images2=item.get("images2"), teacher_images=item.get("teacher_images"))
+            if "rows2" in item:
+                batch.rows2 = item["rows2"].reshape(-1).long()
+            if self.targets is not None:
+                batch.targets = self.targets.get(step, rows.numpy())
+            yield batch
+            step += 1
+
+    def close(self) -> None:
+        if self.targets is not None:
+            self.targets.close()
+        self._loader = None
+
+
+def make_loader(kind: str, store, sampler: EpochSampler, render: RenderSpec, **kwargs):
+    """``kind`` ``"dali"`` -> :class:`~morphcache.train.loader.DaliTrainLoader`, ``"torch"`` -> :class:`TorchTrainLoader`."""
+    if kind == "dali":
+        from morphcache.train.loader import DaliTrainLoader
+
+        return DaliTrainLoader(store, sampler, render, **kwargs)
+    if kind == "torch":
+        return TorchTrainLoader(store, sampler, render, **kwargs)
+    from morphcache.errors import ConfigError
+
+    raise ConfigError(f"unknown loader {kind!r}; use 'dali' or 'torch'")

@@ -1,0 +1,85 @@
+"""Runs that cannot be right are refused before any work: grid, width, partial store, foreign run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from morphcache.cli import main
+from morphcache.errors import ConfigError, StoreError
+from morphcache.schemas import RunConfig
+from morphcache.train import guards
+from tests._store_factory import make_spec, make_store
+
+
+def test_student_size_follows_the_teacher_grid():
+    spec = make_spec(T=16)  # 4x4 grid (teacher 16 px, patch 4)
+    assert guards.resolve_student_size(spec, patch_size=16) == 64
+    assert guards.resolve_student_size(spec, patch_size=14, img_size=56) == 56  # patch-14 reads the crop at 56 px
+    with pytest.raises(ConfigError, match=r"grid mismatch.*3x3.*4x4.*--img-size 64"):
+        guards.resolve_student_size(spec, patch_size=16, img_size=48)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        guards.resolve_student_size(spec, patch_size=16, img_size=60)
+    with pytest.raises(ConfigError, match="grid mismatch"):
+        guards.check_student_grid(spec, (5, 5))
+    guards.check_student_grid(spec, (4, 4))
+    assert guards.student_patch_size("vit_tiny_patch16") == 16
+    assert guards.student_patch_size("vit_small_patch14_dinov2") == 14
+
+
+def test_width_mismatch_names_the_field():
+    spec = make_spec(D=32)
+    guards.check_target_width(spec, 32, "checkpoint x")
+    with pytest.raises(ConfigError, match=r"teacher width mismatch.*checkpoint x.*48.*teacher.dim is 32"):
+        guards.check_target_width(spec, 48, "checkpoint x")
+    other = spec.teacher.model_copy(update={"dim": 48})
+    with pytest.raises(ConfigError, match="teacher.dim"):
+        guards.check_online_teacher(spec, other)
+
+
+def test_partial_store_refused_unless_allowed(tmp_path):
+    store = make_store(tmp_path / "s", n_images=6, chunk_images=2, complete=False)
+    with pytest.raises(StoreError, match=r"incomplete \(1 of 3 chunks missing: 2\).*--allow-partial"):
+        guards.check_store_complete(store, allow_partial=False)
+    guards.check_store_complete(store, allow_partial=True)
+    assert store.ok_rows().max() < 8  # only the two finished chunks are served
+    code = main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--batch-size", "2"])
+    assert code == 2 and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_grid_mismatch_before_training(tmp_path, capsys):
+    make_store(tmp_path / "s", T=16)
+    code = main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--model", "vit_tiny_patch16",
+                 "--img-size", "32", "--batch-size", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "grid mismatch" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_guards(tmp_path):
+    cfg = RunConfig(store="s", epochs=2)
+    run = tmp_path / "run"
+    assert guards.check_run_dir(run, cfg, resume=False) is False  # new run
+    with pytest.raises(ConfigError, match="no config.json"):
+        guards.check_run_dir(run, cfg, resume=True)
+    run.mkdir()
+    (run / "stray.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        guards.check_run_dir(run, cfg, resume=False)
+    (run / "stray.txt").unlink()
+    (run / "config.json").write_text(cfg.model_dump_json())
+    assert guards.check_run_dir(run, cfg, resume=False) is False  # same config, nothing trained yet: restart
+    with pytest.raises(ConfigError, match=r"different config \(batch_size, epochs differ\)"):
+        guards.check_run_dir(run, cfg.model_copy(update={"epochs": 3, "batch_size": 8}), resume=False)
+    with pytest.raises(ConfigError, match="no checkpoint.pt"):
+        guards.check_run_dir(run, cfg, resume=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="pass --resume"):
+        guards.check_run_dir(run, cfg, resume=False)
+    # resuming may change where it stops and how many workers load, nothing that changes the result
+    assert guards.check_run_dir(run, cfg.model_copy(update={"max_steps": 9, "workers": 0}), resume=True) is True
+    with pytest.raises(ConfigError, match="seed differ"):
+        guards.check_run_dir(run, cfg.model_copy(update={"seed": 1}), resume=True)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2  # refusals never touch the run

@@ -1,0 +1,230 @@
+"""The training loader: epoch row order, DALI rendering of stored views, cached targets, the torch fallback, the
+online teacher.
+
+The stores here are real: generated PNG images, views from extraction's ViewSampler, rendered by DaliRenderer at
+the teacher's size, a tiny random timm ViT teacher (weights saved to a file, so it can be reloaded), tokens
+quantized into zarr by FeatureStore.write_chunk. Targets are thus a deterministic function of the pixels.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from morphcache.errors import ConfigError, StoreError
+from morphcache.schemas import AugmentSpec, StoreSpec
+from morphcache.store.feature_store import FeatureStore
+from morphcache.store.image_table import STATUS_OK, ImageTable
+from morphcache.train.sampler import EpochSampler
+
+TEACHER = "test_vit"  # timm test model: width 64, patch 16
+TEACHER_SIZE = 64  # -> 4x4 grid
+
+
+def make_images(root: Path, n: int, seed: int = 0) -> list[str]:
+    """``n`` PNGs of sinusoid textures with a coloured square (sizes vary); returns relative paths."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        h, w = 48 + 8 * (i % 3), 56 + 4 * (i % 2)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.empty((h, w, 3), np.float32)
+        for c in range(3):
+            img[..., c] = 127 + 100 * np.sin(xx * rng.uniform(0.05, 0.5) + yy * rng.uniform(0.05, 0.5) + rng.uniform(0, 6))
+        t, l = rng.integers(0, h - 16), rng.integers(0, w - 16)
+        img[t : t + 16, l : l + 16] = rng.uniform(0, 255, 3)
+        name = f"im{i:03d}.png"
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name)
+        names.append(name)
+    return names
+
+
+def teacher_weights(path: Path, seed: int = 0) -> str:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(TEACHER, num_classes=0, img_size=TEACHER_SIZE)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def build_teacher_store(tmp: Path, n_images: int = 16, views: int = 2, chunk_images: int = 4, dtype: str = "int8",
+                        complete: bool = True, seed: int = 0) -> FeatureStore:
+    """Extract a real store: PNGs -> ViewSampler -> DaliRenderer (teacher size) -> timm teacher -> zarr."""
+    from morphcache.extract.images import content_hash, load_canonical_bytes
+    from morphcache.extract.render_dali import DaliRenderer
+    from morphcache.extract.teachers import load_teacher
+    from morphcache.extract.views import ViewSampler
+
+    data = tmp / "images"
+    names = make_images(data, n_images, seed)
+    weights = teacher_weights(tmp / "teacher.pth", seed)
+    teacher = load_teacher("timm", TEACHER, weights, image_size=TEACHER_SIZE)
+    encoded, sizes = zip(*(load_canonical_bytes(data / n) for n in names))
+    table = ImageTable(
+        path=np.array(names), hash=np.array([content_hash((data / n).read_bytes()) for n in names]),
+        height=np.array([s[0] for s in sizes]), width=np.array([s[1] for s in sizes]),
+        label=np.arange(n_images) % 3, status=np.full(n_images, 255, np.uint8),
+    )
+    augment = AugmentSpec()
+    spec = StoreSpec(teacher=teacher.spec, augment=augment, seed=seed, views_per_image=views, n_images=n_images,
+                     chunk_images=chunk_images, dtype=dtype, dataset_root=str(data))
+    store = FeatureStore.create(tmp / "store", spec, table)
+    sampler = ViewSampler(augment, seed)
+    renderer = DaliRenderer(sizes=(TEACHER_SIZE,), mean=teacher.spec.mean, std=teacher.spec.std,
+                            batch_size=chunk_images * views, num_threads=1)
+    last = store.n_chunks - (0 if complete else 1)
+    for c in range(last):
+        ia, ib = store.chunk_image_range(c)
+        rows = np.stack([sampler.row(i, v, *sizes[i]) for i in range(ia, ib) for v in range(views)])
+        (images,) = renderer.render([encoded[i] for i in range(ia, ib) for _ in range(views)], rows)
+        tokens, pooled = teacher.forward_tokens(images)
+        store.write_chunk(c, tokens.numpy(), pooled.numpy(), rows, np.full(ib - ia, STATUS_OK, np.uint8))
+    return FeatureStore.open(store.path)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> FeatureStore:
+    torch.set_num_threads(1)
+    return build_teacher_store(tmp_path_factory.mktemp("loader"), n_images=12, views=2, chunk_images=4)
+
+
+def _render_reference(store: FeatureStore, rows: np.ndarray, size: int) -> torch.Tensor:
+    """Extraction's renderer on the stored views of ``rows``: what the student must see."""
+    from morphcache.extract.images import load_canonical_bytes
+    from morphcache.extract.render_dali import DaliRenderer
+
+    root = Path(store.spec.dataset_root)
+    paths = np.asarray(store.array("images/path")[:]).astype(object)
+    V = store.spec.views_per_image
+    encoded = [load_canonical_bytes(root / str(paths[r // V]))[0] for r in rows]
+    t = store.spec.teacher
+    renderer = DaliRenderer(sizes=(size,), mean=t.mean, std=t.std, batch_size=len(rows), num_threads=1)
+    return renderer.render(encoded, store.read_views(rows))[0]
+
+
+def _take(loader, n: int) -> list:
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    loader.close()
+    return out
+
+
+# ---------------------------------------------------------------- sampler
+def test_sampler_one_view_per_image_per_epoch_seeded_and_sharded():
+    V, n_img = 3, 20
+    ok = np.arange(n_img * V, dtype=np.int64)
+    s = EpochSampler(ok, V, batch_size=4, seed=5)
+    assert s.steps_per_epoch == 5
+    e0 = np.concatenate([s.batch_rows(g) for g in range(5)])
+    e1 = np.concatenate([s.batch_rows(g) for g in range(5, 10)])
+    for rows in (e0, e1):
+        assert sorted(rows // V) == list(range(n_img))  # every image exactly once
+    assert not np.array_equal(e0, e1)  # a new order and new views each epoch
+    assert len(set(e0 % V) | set(e1 % V)) > 1
+    again = EpochSampler(ok, V, batch_size=4, seed=5)
+    assert np.array_equal(again.batch_rows(7), s.batch_rows(7))  # a pure function of (seed, step)
+    other = EpochSampler(ok, V, batch_size=4, seed=6)
+    assert not np.array_equal(other.epoch_rows(0)[0], s.epoch_rows(0)[0])
+    # ranks: disjoint shards of the same epoch order, equal length
+    shards = [EpochSampler(ok, V, batch_size=2, seed=5, rank=r, world_size=3) for r in range(3)]
+    rows = [sh.epoch_rows(1)[0] for sh in shards]
+    assert len({len(r) for r in rows}) == 1 and shards[0].steps_per_epoch == 3
+    assert len(np.unique(np.concatenate(rows) // V)) == sum(len(r) for r in rows)
+    # pickles without its cache; the second view is another view of the same image
+    lut = pickle.loads(pickle.dumps(EpochSampler(ok, V, batch_size=4, seed=1, second_view=True)))
+    r1, r2 = lut.batch_rows_pair(3)
+    assert np.array_equal(r1 // V, r2 // V) and np.all(r1 != r2)
+
+
+def test_sampler_uses_only_images_with_all_views_and_refuses_tiny_stores():
+    ok = np.array([0, 1, 2, 3, 5, 6, 7], dtype=np.int64)  # image 2 (rows 4, 5) lost row 4
+    s = EpochSampler(ok, 2, batch_size=1)
+    assert sorted(s.images.tolist()) == [0, 1, 3]
+    with pytest.raises(ConfigError, match="batch_size"):
+        EpochSampler(ok, 2, batch_size=4)
+
+
+# ---------------------------------------------------------------- DALI loader
+def test_dali_loader_renders_stored_views_with_cached_targets(store):
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
+
+    t = store.spec.teacher
+    sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=3)
+    render = RenderSpec(64, t.mean, t.std)
+    batches = _take(DaliTrainLoader(store, sampler, render, start_step=2, workers=1), 3)
+    for g, b in enumerate(batches, start=2):  # steps 2, 3 (epoch 0) and 4 (epoch 1)
+        rows = sampler.batch_rows(g)
+        assert b.images.shape == (4, 3, 64, 64) and b.images.dtype == torch.float32
+        assert np.array_equal(b.rows.numpy(), rows)
+        assert torch.equal(b.targets, store.read_tokens(rows))  # batch-aligned, dequantized
+        assert torch.equal(b.images, _render_reference(store, rows, 64))  # extraction's pixels exactly
+    # the callable shipped to the workers is small and stateless
+    src = ViewSource(str(store.path), sampler, start_step=0)
+    blob = pickle.dumps(src)
+    assert len(blob) < 10_000
+    a = pickle.loads(blob).sample(9)
+    assert int(a[2][0]) == sampler.batch_rows(2)[1] and np.array_equal(a[1], store.read_views([int(a[2][0])])[0])
+
+
+def test_dali_loader_student_size_differs_from_teacher_size(store):
+    """A patch-8 student reads the same crops at 32 px (4x4 grid); teacher-size views come along."""
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+
+    t = store.spec.teacher
+    sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=0, second_view=True)
+    (b,) = _take(DaliTrainLoader(store, sampler, RenderSpec(32, t.mean, t.std, teacher_size=64, second_view=True),
+                                 workers=1), 1)
+    rows, rows2 = sampler.batch_rows_pair(0)
+    assert b.images.shape == (4, 3, 32, 32) and b.teacher_images.shape == (4, 3, 64, 64)
+    assert torch.equal(b.images, _render_reference(store, rows, 32))
+    assert torch.equal(b.teacher_images, _render_reference(store, rows, 64))
+    assert np.array_equal(b.rows2.numpy(), rows2) and torch.equal(b.images2, _render_reference(store, rows2, 32))
+
+
+def test_torch_fallback_serves_the_same_batches(store):
+    """Same rows and targets exactly; PIL pixels within the renderer tolerance measured against DALI."""
+    from morphcache.extract.render_fidelity import pixel_differences
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+    from morphcache.train.torch_loader import make_loader
+
+    t = store.spec.teacher
+    sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=1)
+    render = RenderSpec(64, t.mean, t.std)
+    dali = _take(DaliTrainLoader(store, sampler, render, start_step=1, workers=1), 2)
+    fallback = _take(make_loader("torch", store, sampler, render, start_step=1, workers=0), 2)
+    for a, b in zip(dali, fallback):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)
+        diff = pixel_differences(a.images, b.images, t.std)  # 8-bit pixel units
+        # measured here: mean 1.2e-5, max 9e-5 pixel levels; refuse anything near half an 8-bit level
+        assert diff.mean() < 0.01 and diff.max() < 0.5, (diff.mean(), diff.max())
+
+
+def test_online_teacher_reproduces_the_stored_targets(store):
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+    from morphcache.train.online_teacher import OnlineTeacher
+
+    teacher = OnlineTeacher(store.spec)
+    t = store.spec.teacher
+    sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=2)
+    (b,) = _take(DaliTrainLoader(store, sampler, RenderSpec(64, t.mean, t.std, teacher_size=teacher.size),
+                                 workers=1, read_targets=False), 1)
+    assert b.targets is None
+    teacher.fill_targets(b)
+    stored = store.read_tokens(b.rows.numpy())
+    _, scales = store.read_raw(b.rows.numpy())
+    step = torch.from_numpy(scales.astype(np.float32))[..., None]  # int8 absmax: value = q * scale
+    err = (b.targets - stored).abs()
+    assert torch.all(err <= 0.5 * step + 1e-3), float((err - 0.5 * step).max())
+    # a teacher with other weights is not the store's teacher
+    other = store.spec.model_copy(update={"teacher": t.model_copy(update={"weights_sha256": "0" * 64})})
+    with pytest.raises(ConfigError, match="sha256|weights"):
+        OnlineTeacher(other)
