@@ -102,8 +102,6 @@ def run_demo(
         "--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
         "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", "2" if fast else "10",
         "--base-lr", "1.5e-3" if fast else "6e-3", "--workers", "1", "--no-tensorboard",
-        # DTM's released N = 196 is "all tokens" of a 14x14 grid; here the grid is 8x8.
-        "--dtm-max-merge", str((TEACHER_SIZE // 14) ** 2),
     ]
     runs = {}
     for objective in ("tokenwise", "dtm"):

@@ -233,3 +233,13 @@ def test_default_schedule_matches_released_bounds():
         sched = merge_schedule(196, n, k)
         assert all(r <= math.ceil(n / k) for r in sched)
         assert len(sched) <= k
+
+
+def test_default_merge_budget_scales_to_the_grid():
+    """Released N = 196 means 'every token of a 14x14 grid'; by default N follows the store's grid."""
+    from morphcache.schemas import RunConfig
+    from morphcache.train.losses.dtm_loss import DTMLoss
+
+    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=64).max_merge == 64
+    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=256).max_merge == 256
+    assert DTMLoss.from_config(RunConfig(store="s", dtm_max_merge=10), n_tokens=64).max_merge == 10

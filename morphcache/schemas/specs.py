@@ -199,7 +199,10 @@ class RunConfig(_Model):
     mask_patches: int = Field(default=75, ge=0, description="masked patches at a 14x14 grid; scaled to the grid")
     mask_min_block: int = 16
     mask_aspect: tuple[float, float] = (0.3, 1 / 0.3)
-    dtm_max_merge: int = Field(default=196, ge=0, description="N: n tokens to merge sampled in [0, N]")
+    dtm_max_merge: int | None = Field(
+        default=None, ge=0,
+        description="N: n tokens to merge sampled in [0, N]; None = every token of the grid (released: 196 at 14x14)",
+    )
     dtm_max_iters: int = Field(default=14, ge=1, description="K: k iterations sampled in [1, K]")
     dtm_cases: int = Field(default=2, ge=1, description="L morphing cases per step")
     loss: Literal["smooth_l1", "cosine", "l2"] = "smooth_l1"

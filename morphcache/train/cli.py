@@ -32,7 +32,7 @@ def train_command(
     mask_patches: Annotated[int, typer.Option("--mask-patches", help="masked patches at 14x14, scaled to the grid")] = 75,
     mask_min_block: Annotated[int, typer.Option("--mask-min-block", help="smallest mask block, patches")] = 16,
     mask_aspect: Annotated[tuple[float, float], typer.Option("--mask-aspect", help="block aspect range MIN MAX")] = (0.3, 1 / 0.3),
-    dtm_max_merge: Annotated[int, typer.Option("--dtm-max-merge", help="DTM N: tokens to merge sampled in [0, N]")] = 196,
+    dtm_max_merge: Annotated[Optional[int], typer.Option("--dtm-max-merge", help="DTM N: tokens to merge sampled in [0, N] (default: all tokens of the grid; released 196 at 14x14)")] = None,
     dtm_max_iters: Annotated[int, typer.Option("--dtm-max-iters", help="DTM K: iterations sampled in [1, K]")] = 14,
     dtm_cases: Annotated[int, typer.Option("--dtm-cases", help="DTM L: morphing cases per step")] = 2,
     loss: Annotated[str, typer.Option(help="smooth_l1 | cosine | l2")] = "smooth_l1",

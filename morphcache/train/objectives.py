@@ -92,7 +92,7 @@ class DistillObjective(Objective):
         self.name = name
         self.target_dim = target_dim
         self.kind, self.beta = config.loss, config.smooth_l1_beta
-        self.dtm = DTMLoss.from_config(config) if name == "dtm" else None
+        self.dtm = DTMLoss.from_config(config, n_tokens=student.num_tokens) if name == "dtm" else None
         self.masker = block_mask_generator_from_config(config, student.grid)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -118,7 +118,7 @@ class MAEObjective(Objective):
         self.name = name
         self.target_dim = target_dim
         self.mae_weight = config.mae_weight
-        self.dtm = DTMLoss.from_config(config) if name == "mae+dtm" else None
+        self.dtm = DTMLoss.from_config(config, n_tokens=model.backbone.patch_embed.num_patches) if name == "mae+dtm" else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._require(batch, "images", self.name)

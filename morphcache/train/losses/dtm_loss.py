@@ -62,10 +62,14 @@ class DTMLoss:
         sample_morph_cases(torch.Generator().manual_seed(0), max_merge, max_iters, cases)  # validates arguments
 
     @classmethod
-    def from_config(cls, config, seed: int | None = None) -> "DTMLoss":
-        """From a RunConfig: dtm_max_merge, dtm_max_iters, dtm_cases, loss, smooth_l1_beta, seed."""
+    def from_config(cls, config, seed: int | None = None, n_tokens: int | None = None) -> "DTMLoss":
+        """From a RunConfig: dtm_max_merge (None = ``n_tokens``, the whole grid, as the released N = 196 is for a
+        14x14 grid), dtm_max_iters, dtm_cases, loss, smooth_l1_beta, seed."""
+        max_merge = config.dtm_max_merge
+        if max_merge is None:
+            max_merge = 196 if n_tokens is None else int(n_tokens)
         return cls(
-            config.dtm_max_merge,
+            max_merge,
             config.dtm_max_iters,
             config.dtm_cases,
             config.loss,
