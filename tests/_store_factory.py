@@ -88,3 +88,15 @@ def make_store(path, n_images: int = 6, views: int = 2, dtype: str = "int8", chu
 def expected_tokens(spec: StoreSpec, seed: int = 0, skipped: tuple[int, ...] = ()) -> np.ndarray:
     """The float32 tokens (R, T, D) that ``make_store`` fed to write_chunk, before quantization."""
     return np.concatenate([make_chunk(spec, c, seed, skipped)[0] for c in range(spec.n_chunks)], axis=0)
+
+
+def store_arrays(path) -> dict:
+    """Every array of a store read with plain zarr, as bytes (strings via repr), for bit-for-bit comparisons."""
+    import zarr
+
+    out = {}
+    for name, arr in zarr.open_group(str(path), mode="r").members(max_depth=None):
+        if isinstance(arr, zarr.Array):
+            data = np.asarray(arr[:])
+            out[name] = repr(data.tolist()).encode() if data.dtype.kind in "OUT" else data.tobytes()
+    return out

@@ -21,12 +21,7 @@ from morphcache.train.dtm import (
 from morphcache.train.losses import DTMLoss, dtm_loss, morphed_loss, tokenwise_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_membership(x: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from PIL import Image
 from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.extract.distributed import parse_shard, shard_chunks
+from _store_factory import store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "2", "--dtype", "int8", "--seed", "5"]
@@ -26,14 +27,7 @@ def write_images(folder: Path, n: int) -> Path:
 
 
 def arrays(path) -> dict:
-    import zarr
-
-    out = {}
-    for name, arr in zarr.open_group(str(path), mode="r").members(max_depth=None):
-        if isinstance(arr, zarr.Array):
-            data = np.asarray(arr[:])
-            out[name] = repr(data.tolist()).encode() if data.dtype.kind in "OUT" else data.tobytes()
-    return out
+    return store_arrays(path)
 
 
 def test_parse_shard():

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from morphcache.cli import main
+from _store_factory import store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "1", "--dtype", "int8", "--seed", "3"]
@@ -36,14 +37,7 @@ def done_chunks(store: Path) -> int:
 
 
 def arrays(path) -> dict:
-    import zarr
-
-    out = {}
-    for name, arr in zarr.open_group(str(path), mode="r").members(max_depth=None):
-        if isinstance(arr, zarr.Array):
-            data = np.asarray(arr[:])
-            out[name] = repr(data.tolist()).encode() if data.dtype.kind in "OUT" else data.tobytes()
-    return out
+    return store_arrays(path)
 
 
 @pytest.mark.slow

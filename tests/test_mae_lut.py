@@ -16,12 +16,7 @@ from morphcache.train.student import MIMStudent, load_student_backbone
 SMALL = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, proj_hidden=64, proj_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_vit(seed=0):

@@ -56,6 +56,7 @@ def train_command(
 ) -> int:
     """Pretrain a ViT student on cached teacher tokens (DTM, token-wise, MAE, LUT, MAE+DTM)."""
     import json
+import os
 
     from pydantic import ValidationError
 
@@ -87,6 +88,7 @@ def train_command(
         torch.set_num_threads(threads)
     summary = run_training(config, out, resume=resume, img_size=img_size,
                            image_root=str(image_root) if image_root else None, tensorboard=tensorboard)
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "final_step", "images", "wall_seconds", "images_per_s",
-                                                   "final_loss")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        typer.echo(json.dumps({k: summary[k] for k in ("steps", "final_step", "images", "wall_seconds",
+                                                       "images_per_s", "final_loss")}))
     return 0
