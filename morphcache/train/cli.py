@@ -56,7 +56,7 @@ def train_command(
 ) -> int:
     """Pretrain a ViT student on cached teacher tokens (DTM, token-wise, MAE, LUT, MAE+DTM)."""
     import json
-import os
+    import os
 
     from pydantic import ValidationError
 
