@@ -98,7 +98,7 @@ def bench_store(root: Path, teacher, tok, pooled, views: int, dtype: str, compre
         idx = np.arange(a, b) % tok.shape[0]
         chunks.append((tok[idx], pooled[idx], rng.uniform(0, 200, (b - a, N_VIEW_PARAMS)).astype(np.float32),
                        np.zeros((b - a) // 2, np.uint8)))
-    t_write = timed(lambda: [store.write_chunk(c, *chunks[c]) for c in range(store.n_chunks)])
+    t_write = timed(lambda chunks=chunks: [store.write_chunk(c, *chunks[c]) for c in range(store.n_chunks)])
     del chunks
     ro = FeatureStore.open(path, "r")
     q, scales = ro.read_raw(slice(None))

@@ -74,8 +74,8 @@ def run_demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_images = n_images or (48 if fast else 1000)
-    epochs = epochs or (1 if fast else 4)
+    n_images = n_images or (48 if fast else 2000)
+    epochs = epochs or (1 if fast else 6)
     eval_train = eval_train or (60 if fast else 2000)
     eval_test = eval_test or (40 if fast else 1000)
     log: list[dict] = []
@@ -124,7 +124,7 @@ def run_demo(
     for label, spec in backbones.items():
         stage(f"eval {label}", [
             "eval", "frozen", "--checkpoint", spec[0], "--dataset", dataset, "--results", str(results),
-            *spec[1:], "--epochs", "30",
+            *spec[1:], "--epochs", "30", "--precision", "bf16",
         ])
     stage("report", ["report", str(runs["tokenwise"]["dir"]), str(runs["dtm"]["dir"]), "--out", str(out / "report"),
                      "--results", str(results)])
@@ -204,7 +204,7 @@ def _print_summary(summary: dict) -> None:
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="directory for images, store, runs, results and report")] = Path("demo_out"),
     fast: Annotated[bool, typer.Option("--fast", help="a tiny run (about a minute) for smoke tests")] = False,
-    images: Annotated[Optional[int], typer.Option("--images", help="pretraining images (default 1000; 48 with --fast)")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", help="pretraining images (default 2000; 48 with --fast)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="pretraining epochs per student")] = None,
     eval_train: Annotated[Optional[int], typer.Option("--eval-train", help="labelled train images for k-NN/linear")] = None,
     eval_test: Annotated[Optional[int], typer.Option("--eval-test", help="labelled test images")] = None,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from morphcache.errors import ConfigError, StoreError
+from morphcache.errors import ConfigError
 from morphcache.schemas import AugmentSpec, StoreSpec
 from morphcache.store.feature_store import FeatureStore
 from morphcache.store.image_table import STATUS_OK, ImageTable
