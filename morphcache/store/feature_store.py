@@ -44,6 +44,7 @@ from morphcache import __version__
 from morphcache.errors import SpecMismatchError, StoreError
 from morphcache.schemas import N_VIEW_PARAMS, StoreSpec, load_versioned
 from morphcache.store.quantize import dequantize, dequantize_torch
+from morphcache.store.layout import COMPRESSIONS, check_arrays, create_arrays
 from morphcache.store.shard_reader import ShardRowReader
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,9 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from morphcache.store.image_table import ImageTable
 
 ATTR_KEY = "morphcache"
-DATA_ARRAYS = ("tokens", "pooled", "views")
+DATA_ARRAYS = ("tokens", "pooled", "views")  # see morphcache.store.lazy
 IMAGE_ARRAYS = ("images/path", "images/hash", "images/size", "images/label", "images/status")
-COMPRESSIONS = ("none", "zstd")
 
 
 def chunk_checksum(tokens: np.ndarray, scales: np.ndarray | None, pooled: np.ndarray | None = None,
@@ -65,16 +65,6 @@ def chunk_checksum(tokens: np.ndarray, scales: np.ndarray | None, pooled: np.nda
         if part is not None:
             h.update(np.ascontiguousarray(part).tobytes())
     return int.from_bytes(h.digest(), "little")
-
-
-def _token_codecs(dtype: str, compression: str):
-    """Codecs inside each token/scale shard. ``none`` is the default: teacher tokens barely compress
-    (see benchmarks/bench_store.py) and raw inner chunks are read with one pread and no decode."""
-    from zarr.codecs import BloscCodec
-
-    if compression == "none":
-        return None
-    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle" if dtype == "float16" else "noshuffle")]
 
 
 class FeatureStore:
@@ -125,45 +115,11 @@ class FeatureStore:
             raise StoreError(f"{path}: exists, is not empty and is not a zarr store; choose another path")
         spec = spec.model_copy(update={"package_version": __version__})
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        T, D, Dp = spec.n_tokens, spec.dim, spec.teacher.pooled_dim
-        R, N, C = spec.n_rows, spec.n_images, spec.n_chunks
         rows = spec.chunk_rows
         inner = max(1, min(rows_per_inner_chunk, rows))
         if rows % inner:
             raise StoreError(f"{path}: rows_per_inner_chunk={inner} must divide chunk rows {rows}")
-        root.create_array(
-            "tokens", shape=(R, T, D), dtype=spec.dtype, chunks=(inner, T, D), shards=(rows, T, D),
-            compressors=_token_codecs(spec.dtype, compression), fill_value=0,
-            dimension_names=("view", "token", "channel"),
-        )
-        if spec.dtype == "int8":
-            root.create_array(
-                "scales", shape=(R, T), dtype="float16", chunks=(inner, T), shards=(rows, T),
-                compressors=None, fill_value=0, dimension_names=("view", "token"),
-            )
-        root.create_array(
-            "pooled", shape=(R, Dp), dtype="float16", chunks=(rows, Dp), fill_value=0,
-            dimension_names=("view", "pooled_channel"),
-        )
-        root.create_array(
-            "views", shape=(R, N_VIEW_PARAMS), dtype="float32", chunks=(rows, N_VIEW_PARAMS), fill_value=0,
-            dimension_names=("view", "param"),
-        )
-        img = root.create_group("images")
-        ci = spec.chunk_images
-        img.create_array("path", shape=(N,), dtype=str, chunks=(max(N, 1),), dimension_names=("image",))
-        img.create_array("hash", shape=(N,), dtype=str, chunks=(max(N, 1),), dimension_names=("image",))
-        img.create_array("size", shape=(N, 2), dtype="int32", chunks=(max(N, 1), 2), dimension_names=("image", "hw"))
-        img.create_array("label", shape=(N,), dtype="int32", chunks=(max(N, 1),), dimension_names=("image",))
-        img.create_array("status", shape=(N,), dtype="uint8", chunks=(ci,), fill_value=255, dimension_names=("image",))
-        root.create_array("progress", shape=(C,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("chunk",))
-        root.create_array("checksums", shape=(C,), dtype="uint64", chunks=(1,), fill_value=0, dimension_names=("chunk",))
-        if N:
-            img["path"][:] = np.asarray(images.path, dtype=object).astype(str)
-            img["hash"][:] = np.asarray(images.hash, dtype=object).astype(str)
-            img["size"][:] = np.stack([np.asarray(images.height), np.asarray(images.width)], axis=1).astype(np.int32)
-            img["label"][:] = np.asarray(images.label, dtype=np.int32)
-        root.attrs["class_names"] = [str(c) for c in getattr(images, "class_names", [])]
+        create_arrays(root, spec, images, inner, compression)
         # The spec goes in last: a store without it is recognisably incomplete and is refused by open().
         root.attrs[ATTR_KEY] = json.loads(spec.model_dump_json())
         return cls(path, root, spec, "a")
@@ -191,7 +147,7 @@ class FeatureStore:
         if raw is None:
             raise StoreError(f"{path}: zarr group has no '{ATTR_KEY}' spec; it was not made by morphcache (or creation was interrupted: delete it and re-run)")
         spec = load_versioned(StoreSpec, dict(raw), source=str(path))
-        _check_arrays(path, group, spec)
+        check_arrays(path, group, spec)
         return cls(path, group, spec, mode)
 
     # ------------------------------------------------------------------ geometry
@@ -394,76 +350,15 @@ class FeatureStore:
     def to_dask(self, dequantize: bool = True) -> dict:
         """Lazy dask arrays, one block per work chunk: ``tokens`` (R, T, D) float32 when ``dequantize`` (else
         raw), ``pooled``, ``views``, ``scales`` (int8 stores), ``status`` per view (R,)."""
-        import dask.array as da
+        from morphcache.store.lazy import to_dask
 
-        def load(name):
-            arr = self.array(name)
-            return da.from_zarr(arr, chunks=getattr(arr, "shards", None) or arr.chunks)
-
-        out = {name: load(name) for name in DATA_ARRAYS}
-        if self.spec.dtype == "int8":
-            out["scales"] = load("scales")
-            if dequantize:
-                out["tokens"] = out["tokens"].astype(np.float32) * out["scales"].astype(np.float32)[..., None]
-        elif dequantize:
-            out["tokens"] = out["tokens"].astype(np.float32)
-        status = load("images/status")
-        out["status"] = da.repeat(status, self.spec.views_per_image, axis=0).rechunk(out["views"].chunks[0])
-        return out
+        return to_dask(self, dequantize)
 
     def to_xarray(self, dequantize: bool = True):
         """An ``xarray.Dataset`` with dims (view, token, channel), coords image/view_index/param names."""
-        import xarray as xr
+        from morphcache.store.lazy import to_xarray
 
-        from morphcache.schemas import VIEW_FIELDS
-
-        arrays = self.to_dask(dequantize=dequantize)
-        V = self.spec.views_per_image
-        rows = np.arange(self.n_rows)
-        h, w = self.spec.teacher.grid
-        data_vars = {
-            "tokens": (("view", "token", "channel"), arrays["tokens"]),
-            "pooled": (("view", "pooled_channel"), arrays["pooled"]),
-            "views": (("view", "param"), arrays["views"]),
-            "status": (("view",), arrays["status"]),
-        }
-        coords = {
-            "view": rows,
-            "image": ("view", rows // V),
-            "view_index": ("view", rows % V),
-            "token": np.arange(h * w),
-            "token_row": ("token", np.arange(h * w) // w),
-            "token_col": ("token", np.arange(h * w) % w),
-            "param": list(VIEW_FIELDS),
-        }
-        return xr.Dataset(data_vars, coords=coords, attrs={ATTR_KEY: self.spec.model_dump_json()})
-
-
-def _check_arrays(path: Path, group, spec: StoreSpec) -> None:
-    """Every array the spec requires exists with the right shape and dtype, else a one-line StoreError."""
-    expected = {
-        "tokens": ((spec.n_rows, spec.n_tokens, spec.dim), spec.dtype),
-        "pooled": ((spec.n_rows, spec.teacher.pooled_dim), "float16"),
-        "views": ((spec.n_rows, N_VIEW_PARAMS), "float32"),
-        "images/path": ((spec.n_images,), None),
-        "images/hash": ((spec.n_images,), None),
-        "images/size": ((spec.n_images, 2), "int32"),
-        "images/label": ((spec.n_images,), "int32"),
-        "images/status": ((spec.n_images,), "uint8"),
-        "progress": ((spec.n_chunks,), "uint8"),
-        "checksums": ((spec.n_chunks,), "uint64"),
-    }
-    if spec.dtype == "int8":
-        expected["scales"] = ((spec.n_rows, spec.n_tokens), "float16")
-    for name, (shape, dtype) in expected.items():
-        try:
-            arr = group[name]
-        except Exception:  # KeyError, or zarr errors for half-deleted metadata
-            raise StoreError(f"{path}: truncated store, array '{name}' is missing; delete it and re-run extract") from None
-        if tuple(arr.shape) != shape:
-            raise StoreError(f"{path}: array '{name}' has shape {tuple(arr.shape)}, spec requires {shape}; the store is damaged")
-        if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
-            raise StoreError(f"{path}: array '{name}' has dtype {arr.dtype}, spec requires {dtype}; the store is damaged")
+        return to_xarray(self, ATTR_KEY, dequantize)
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
