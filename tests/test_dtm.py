@@ -238,3 +238,27 @@ def test_default_merge_budget_scales_to_the_grid():
     assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=64).max_merge == 64
     assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=256).max_merge == 256
     assert DTMLoss.from_config(RunConfig(store="s", dtm_max_merge=10), n_tokens=64).max_merge == 10
+
+
+def test_layernorm_targets_are_scale_invariant():
+    """--target-norm layernorm regresses per-token standardized teacher tokens (MaskDistill-style)."""
+    from morphcache.schemas import RunConfig
+    from morphcache.train.objectives import build_objective, normalize_targets
+    from morphcache.train.student import create_student
+
+    t = torch.randn(2, 4, 8) * 5 + 3
+    n = normalize_targets(t, "layernorm")
+    assert torch.allclose(n.mean(-1), torch.zeros(2, 4), atol=1e-5)
+    assert torch.allclose(n.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-3)
+    assert normalize_targets(t, "none") is t
+
+    torch.manual_seed(0)
+    student = create_student("vit_tiny_patch16_224", 32, 8)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    losses = {}
+    for norm in ("layernorm", "none"):
+        objective = build_objective("tokenwise", RunConfig(store="s", target_norm=norm), student, 8, (2, 2))
+        losses[norm] = [float(objective({"images": images, "targets": t * s, "mask": mask})[0]) for s in (1.0, 10.0)]
+    assert losses["layernorm"][0] == pytest.approx(losses["layernorm"][1], rel=1e-4)
+    assert losses["none"][1] > 5 * losses["none"][0]

@@ -206,6 +206,11 @@ class RunConfig(_Model):
     dtm_max_iters: int = Field(default=14, ge=1, description="K: k iterations sampled in [1, K]")
     dtm_cases: int = Field(default=2, ge=1, description="L morphing cases per step")
     loss: Literal["smooth_l1", "cosine", "l2"] = "smooth_l1"
+    target_norm: Literal["layernorm", "none"] = Field(
+        default="none",
+        description="normalize each cached target token before matching and loss (LayerNorm without affine, as "
+        "MaskDistill does for its CLIP targets) or use the teacher's tokens as stored",
+    )
     smooth_l1_beta: float = 2.0
     mae_weight: float = 1.0
     unmasked_weight: float = 0.25

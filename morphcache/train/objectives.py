@@ -76,6 +76,13 @@ class Objective(nn.Module):
         return batch[key]
 
 
+def normalize_targets(targets: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, D) teacher tokens -> the regression targets: per-token LayerNorm without affine, or unchanged."""
+    if mode == "layernorm":
+        return torch.nn.functional.layer_norm(targets.float(), targets.shape[-1:])
+    return targets
+
+
 def _check_targets(targets: torch.Tensor, num_tokens: int, target_dim: int, name: str) -> None:
     if targets.dim() != 3 or targets.shape[1] != num_tokens or targets.shape[2] != target_dim:
         raise ConfigError(
@@ -92,6 +99,7 @@ class DistillObjective(Objective):
         self.name = name
         self.target_dim = target_dim
         self.kind, self.beta = config.loss, config.smooth_l1_beta
+        self.target_norm = config.target_norm
         self.dtm = DTMLoss.from_config(config, n_tokens=student.num_tokens) if name == "dtm" else None
         self.masker = block_mask_generator_from_config(config, student.grid)
 
@@ -99,6 +107,7 @@ class DistillObjective(Objective):
         images = self._require(batch, "images", self.name)
         targets = self._require(batch, "targets", self.name)
         _check_targets(targets, self.model.num_tokens, self.target_dim, self.name)
+        targets = normalize_targets(targets, self.target_norm)
         mask = batch.get("mask")
         if mask is None:
             mask = self.masker.batch(images.shape[0], self.generator)
@@ -118,6 +127,7 @@ class MAEObjective(Objective):
         self.name = name
         self.target_dim = target_dim
         self.mae_weight = config.mae_weight
+        self.target_norm = config.target_norm
         self.dtm = DTMLoss.from_config(config, n_tokens=model.backbone.patch_embed.num_patches) if name == "mae+dtm" else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -129,7 +139,7 @@ class MAEObjective(Objective):
             return l_mae, {"loss": float(l_mae.detach()), "mae": float(l_mae.detach())}
         targets = self._require(batch, "targets", self.name)
         _check_targets(targets, self.model.num_tokens, self.target_dim, self.name)
-        l_dtm, metrics = self.dtm(out.targets, targets)
+        l_dtm, metrics = self.dtm(out.targets, normalize_targets(targets, self.target_norm))
         loss = self.mae_weight * l_mae + l_dtm
         return loss, {"loss": float(loss.detach()), "mae": float(l_mae.detach()), "dtm": float(l_dtm.detach()), **metrics}
 
