@@ -23,7 +23,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from morphcache.errors import ConfigError
-from morphcache.train.student import backbone_grid, backbone_patch_size, embed_patches, run_blocks
+from morphcache.train.student import BackboneGrid, backbone_grid, backbone_patch_size, embed_patches, run_blocks
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -70,7 +70,7 @@ class MAEOutput:
     targets: torch.Tensor | None = None  # (B, T, target_dim) when the model has a target head
 
 
-class MAEModel(nn.Module):
+class MAEModel(BackboneGrid, nn.Module):
     """Masked autoencoder: the timm ViT encoder on kept patches + a light transformer decoder (module docstring)."""
 
     def __init__(
@@ -110,15 +110,6 @@ class MAEModel(nn.Module):
         for module in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.pixel_head, self.target_head]:
             if module is not None:
                 module.apply(_init_decoder)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return backbone_grid(self.backbone)
-
-    @property
-    def num_tokens(self) -> int:
-        h, w = self.grid
-        return h * w
 
     def encode(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S), keep_idx (B,K) -> (B, P+K, width): encoder over the kept patches only."""

@@ -125,7 +125,22 @@ def run_blocks(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return backbone.norm(x)
 
 
-class MIMStudent(nn.Module):
+class BackboneGrid:
+    """Mixin for modules holding a timm ViT as ``self.backbone``: its token grid and token count T."""
+
+    backbone: nn.Module
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return backbone_grid(self.backbone)
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+
+class MIMStudent(BackboneGrid, nn.Module):
     """timm ViT + learnable mask token + linear head to ``target_dim`` (see module docstring)."""
 
     def __init__(self, backbone: nn.Module, target_dim: int) -> None:
@@ -140,15 +155,6 @@ class MIMStudent(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.target_dim = int(target_dim)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return backbone_grid(self.backbone)
-
-    @property
-    def num_tokens(self) -> int:
-        h, w = self.grid
-        return h * w
 
     @property
     def width(self) -> int:
