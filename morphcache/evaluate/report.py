@@ -226,7 +226,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
     for f in results_files:
         if not Path(f).is_file():
             raise MorphcacheError(f"results file {f} does not exist; pass a file written by morphcache eval")
-        rows += read_results(f)
+        rows += [_attach_run(r, labels) for r in read_results(f)]
     row_labels, col_labels, cells = accuracy_table(rows)
     if cells:
         lines += [markdown_table(row_labels, col_labels, cells), ""]
@@ -250,6 +250,19 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
     md = out_dir / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return md
+
+
+def _attach_run(row: dict, labels: dict[Path, str]) -> dict:
+    """Label a results row whose backbone is a checkpoint inside one of the runs with that run's name."""
+    spec = str(row.get("backbone", ""))
+    path = spec.split(":", 1)[1] if spec.startswith("checkpoint:") else spec
+    if not path.endswith(".pt"):
+        return row
+    parent = Path(path).resolve().parent
+    for d, label in labels.items():
+        if parent == d.resolve():
+            return dict(row, _run=label, backbone=Path(path).name)
+    return row
 
 
 def _unique_labels(run_dirs: list[Path]) -> dict[Path, str]:
