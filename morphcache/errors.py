@@ -27,7 +27,17 @@ class SpecMismatchError(StoreError):
 
 
 class BadImageError(MorphcacheError):
-    """An input image cannot be decoded (raised only with ``--on-bad-image fail``)."""
+    """An input image cannot be decoded or rendered.
+
+    ``reason`` is the store's status code for it (``morphcache.store.image_table.STATUS_REASONS``); ``index`` is
+    the position of the failing sample in a rendered batch, when known. Extraction records the reason and goes on
+    under ``--on-bad-image skip`` and re-raises it under ``--on-bad-image fail``.
+    """
+
+    def __init__(self, message: str, reason: int | None = None, index: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.index = index
 
 
 class ConfigError(MorphcacheError):

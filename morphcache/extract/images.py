@@ -68,9 +68,7 @@ def bad_image(name: str | Path, reason: int, detail: str = "") -> BadImageError:
     """A :class:`BadImageError` whose ``.reason`` is ``reason`` and whose message names ``name``."""
     what = STATUS_REASONS.get(reason, f"status {reason}")
     extra = f" ({detail})" if detail else ""
-    err = BadImageError(f"{name}: {what}{extra}; fix or remove the file, or use --on-bad-image skip")
-    err.reason = reason
-    return err
+    return BadImageError(f"{name}: {what}{extra}; fix or remove the file, or use --on-bad-image skip", reason=reason)
 
 
 def read_file_bytes(path: str | Path) -> bytes:

@@ -185,10 +185,10 @@ class DaliRenderer:
             self._pipe = None  # a failed DALI pipeline is not reusable
             culprit = self._find_failing(arrays, rows)
             detail = " ".join(str(batch_error).split())[:160]
-            err = BadImageError(f"view {culprit} of the batch could not be rendered by DALI ({detail}); mark its image bad and retry")
-            err.reason = STATUS_CORRUPT
-            err.index = culprit
-            raise err from None
+            raise BadImageError(
+                f"view {culprit} of the batch could not be rendered by DALI ({detail}); mark its image bad and retry",
+                reason=STATUS_CORRUPT, index=culprit,
+            ) from None
 
     def _find_failing(self, arrays: list[np.ndarray], rows: np.ndarray) -> int:
         for k in range(len(arrays)):
