@@ -53,6 +53,9 @@ class ShardRowReader:
         self._pool = None
         self._active = 0
         self._cache: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        # Complete, uncompressed shards whose rows lie back to back are memory-mapped once: a batch of scattered
+        # rows is then one numpy gather instead of a read per row. None marks shards that are not laid out so.
+        self._dense: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -164,7 +167,11 @@ class ShardRowReader:
                     continue
                 fd, index, close = got
                 try:
-                    self._read_shard(fd, index, rows[g0:g1] - s * S, out, dest[g0:g1], s)
+                    dense = None if close else self._dense_view(s, fd, index)
+                    if dense is not None:
+                        out[dest[g0:g1]] = dense[rows[g0:g1] - s * S]
+                    else:
+                        self._read_shard(fd, index, rows[g0:g1] - s * S, out, dest[g0:g1], s)
                 finally:
                     if close:
                         os.close(fd)
@@ -181,6 +188,30 @@ class ShardRowReader:
                 future.result()
         else:
             read_groups(groups)
+
+    def _dense_view(self, s: int, fd: int, index: np.ndarray) -> np.ndarray | None:
+        """(shard_rows, *row_shape) read-only view of shard ``s`` when its inner chunks are stored uncompressed,
+        complete and in order; None otherwise (callers then read row by row)."""
+        with self._lock:
+            if s in self._dense:
+                self._dense.move_to_end(s)
+                return self._dense[s]
+        view = None
+        off, ln = index[:, 0].astype(np.int64), index[:, 1].astype(np.int64)
+        nb = self.inner_nbytes
+        if (not self.blosc and np.all(ln == nb) and np.all(off == off[0] + np.arange(self.n_inner) * nb)
+                and os.fstat(fd).st_size >= int(off[0]) + self.n_inner * nb):
+            import mmap
+
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            count = self.shard_rows * int(np.prod(self.row_shape, dtype=np.int64))
+            view = np.frombuffer(mm, dtype=self.dtype, count=count, offset=int(off[0]))
+            view = view.reshape((self.shard_rows,) + self.row_shape)
+        with self._lock:
+            self._dense[s] = view
+            while len(self._dense) > self.open_shards:  # views keep their mapping alive while in use
+                self._dense.popitem(last=False)
+        return view
 
     def _executor(self):
         if self._pool is None:
@@ -250,6 +281,7 @@ class ShardRowReader:
             out[dest[lo:hi]] = block[which]
 
     def close(self) -> None:
+        self._dense.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
