@@ -161,6 +161,10 @@ class ShardRowReader:
         def read_groups(part: list[tuple[int, int]]) -> None:
             for g0, g1 in part:
                 s = int(shard_ids[g0])
+                mapped = self._dense.get(s)  # fast path: an already mapped complete shard, no fd or lock needed
+                if mapped is not None:
+                    out[dest[g0:g1]] = mapped[rows[g0:g1] - s * S]
+                    continue
                 got = self._shard(s, cacheable(s))
                 if got is None:
                     out[dest[g0:g1]] = self.fill
