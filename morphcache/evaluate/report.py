@@ -6,8 +6,9 @@ Per run directory (each piece is optional; a missing one is noted, never fatal):
 - ``eval.jsonl`` (rows from :mod:`morphcache.evaluate.results`), plus any extra results files -> an accuracy
   table (latest top-1 per backbone x protocol x dataset) and ``accuracy.png``;
 - ``config.json`` naming a ``store`` plus a checkpoint (``*.pt``) in the run directory -> ``tokens_<run>.png``:
-  for the first few images, view 0 as stored (crop and flip; colour jitter not drawn), the teacher's cached
-  tokens and the student's tokens of the same view, each mapped to RGB by their first 3 principal components.
+  for the first few images, view 0 rendered by the training renderer (exactly the pixels the student trained on),
+  the teacher's cached tokens and the student's tokens of that view, each mapped to RGB by their first 3 principal
+  components.
 """
 
 from __future__ import annotations
@@ -119,19 +120,13 @@ def plot_accuracy(row_labels, col_labels, cells, out: Path) -> Path:
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     """tokens ``(N, T, D)`` on a square grid -> RGB ``(N, h, w, 3)`` in [0, 1]: the first 3 principal components,
     fitted jointly over all N images (so colours are comparable across images), min-max scaled per component."""
-    n, t, d = tokens.shape
+    from morphcache.extract.show import pca_rgb as pca_rgb_flat
+
+    n, t, _ = tokens.shape
     side = int(round(t ** 0.5))
     if side * side != t:
         raise MorphcacheError(f"cannot draw {t} tokens as a square grid")
-    x = tokens.reshape(n * t, d).astype(np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = x @ vt[:3].T
-    if comps.shape[1] < 3:
-        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
-    lo, hi = comps.min(axis=0), comps.max(axis=0)
-    rgb = (comps - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
-    return rgb.reshape(n, side, side, 3).astype(np.float32)
+    return pca_rgb_flat(tokens).reshape(n, side, side, 3)
 
 
 def _find_checkpoint(run_dir: Path) -> Path | None:
@@ -142,24 +137,12 @@ def _find_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _render_view(path: Path, view: np.ndarray, size: int) -> np.ndarray:
-    """Crop + resize + flip of a stored view (``VIEW_FIELDS`` order) -> uint8 (size, size, 3)."""
-    from PIL import Image
-
-    top, left, h, w, flip = (float(v) for v in view[:5])
-    with Image.open(path) as im:
-        im = im.convert("RGB").crop((int(left), int(top), int(left + w), int(top + h)))
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(im, dtype=np.uint8)
-    return np.ascontiguousarray(arr[:, ::-1]) if flip >= 0.5 else arr
-
-
 def token_maps(run_dir: Path, out: Path, n_images: int = 4) -> Path:
     """Draw view | teacher PCA | student PCA rows for the first ``n_images`` ok images of the run's store."""
     import torch
 
     from morphcache.evaluate.backbones import load_backbone
-    from morphcache.evaluate.features import prepare_images
+    from morphcache.extract.replay import load_view_inputs, render_views
     from morphcache.store.feature_store import FeatureStore
 
     config = json.loads((run_dir / "config.json").read_text())
@@ -176,13 +159,16 @@ def token_maps(run_dir: Path, out: Path, n_images: int = 4) -> Path:
     rows = images * store.spec.views_per_image
     teacher_tokens = store.read_tokens_numpy(rows)
     student = load_backbone(str(ckpt))
-    table = store.image_table()
-    root = Path(store.spec.dataset_root)
-    views = np.stack([_render_view(root / table.path[i], v, student.img_size)
-                      for i, v in zip(images, store.read_views(rows))])
+    # The training renderer at the student's size, un-normalized (mean 0, std 1): the pixels the student saw.
+    encoded, params = load_view_inputs(store, rows)
+    pixels = torch.cat([x for _, x in render_views(encoded, params, student.img_size, (0.0, 0.0, 0.0),
+                                                   (1.0, 1.0, 1.0), store.spec.augment.interpolation)])
+    views = pixels.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    mean = torch.tensor(student.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(student.std, dtype=torch.float32).view(1, 3, 1, 1)
     with torch.no_grad():
         student.eval()
-        student_tokens = student.tokens(prepare_images(views, student.img_size, student.mean, student.std)).numpy()
+        student_tokens = student.tokens((pixels - mean) / std).numpy()
     maps = [("view", views), (f"teacher {store.spec.teacher.name}", pca_rgb(teacher_tokens)),
             ("student", pca_rgb(student_tokens))]
     plt = _plt()
@@ -245,7 +231,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
             lines.append(f"- {labels[d]}: skipped ({' '.join(str(exc).split())})")
             continue
         lines += [f"### {labels[d]}", "", "First 3 principal components of the patch tokens as RGB "
-                  "(view 0 of each image; colour jitter not drawn).", "", f"![token maps {labels[d]}]({png.name})"]
+                  "(view 0 of each image, rendered as in training).", "", f"![token maps {labels[d]}]({png.name})"]
     lines.append("")
     md = out_dir / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
