@@ -208,3 +208,15 @@ def test_file_sha256_is_memoized_and_tracks_changes(tmp_path):
     assert file_sha256(p) == hashlib.sha256(b"abc").hexdigest() == file_sha256(p)
     p.write_bytes(b"abcd")
     assert file_sha256(p) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_random_weight_teachers_are_identical_everywhere_and_leave_the_rng_alone():
+    """Every caller of load_teacher (extract, replay, online teacher, evaluate) gets the same random weights."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = load_teacher("timm", "vit_tiny_patch16_224", None, 32)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(999)
+    b = load_teacher("timm", "vit_tiny_patch16_224", None, 32)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

