@@ -103,11 +103,8 @@ def _resize_timm(model: nn.Module, img_size: int, spec: str) -> None:
 def _load_checkpoint(spec: str, path: Path, img_size: int | None, pooling: Pooling) -> Backbone:
     if not path.is_file():
         raise MorphcacheError(f"checkpoint {path} does not exist; pass the .pt file written by morphcache train")
-    try:
-        from morphcache.train.student import load_student_backbone
-    except ImportError as exc:
-        raise MorphcacheError(f"cannot load checkpoint {path}: morphcache.train.student.load_student_backbone "
-                              f"is unavailable ({exc})") from exc
+    from morphcache.train.student import load_student_backbone
+
     model, info = load_student_backbone(path)
     size = int(info["img_size"])
     if img_size is not None and img_size != size:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -204,8 +205,11 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
             "epoch": sampler.position(step * config.accum_steps)[0], "sampler": sampler.state_dict(),
             "store_spec": spec.identity(),
         }
-        for name in path_names:
-            save_checkpoint(out_dir / name, payload)
+        first = save_checkpoint(out_dir / path_names[0], payload)
+        for name in path_names[1:]:  # the same bytes under another name: serialize once, copy atomically
+            tmp = out_dir / (name + ".tmp")
+            shutil.copyfile(first, tmp)
+            os.replace(tmp, out_dir / name)
 
     it = iter(loader)
     if ckpt is not None:
