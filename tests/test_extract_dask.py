@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.extract.distributed import parse_shard, shard_chunks
+from _image_files import write_noise_pngs
 from _store_factory import store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
@@ -18,12 +17,7 @@ ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views
 
 
 def write_images(folder: Path, n: int) -> Path:
-    rng = np.random.default_rng(2)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = (int(v) for v in rng.integers(24, 64, 2))
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"d{i:03d}.png")
-    return folder
+    return write_noise_pngs(folder, n, seed=2, prefix="d")
 
 
 def arrays(path) -> dict:
