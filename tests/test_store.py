@@ -275,3 +275,39 @@ def test_dense_shards_are_memory_mapped_and_read_exactly(tmp_path):
     dense = ro._reader("tokens")._dense
     assert dense[0] is not None and dense[2] is not None  # complete shards: mapped
     assert ref[10:12].any() == False and dense[1] is None  # noqa: E712 - image 5's rows are zero: fallback path
+
+
+@pytest.mark.parametrize("path", ["gather", "per_row", "per_row_threaded"])
+def test_gather_any_order_with_repeats_into_given_buffers(tmp_path, path):
+    """Batch-order reads (no sort) over mapped shards, a shard with fill rows (per-row fallback) and the partial
+    last shard equal zarr's, through each copy path, into fresh arrays and into caller buffers."""
+    make_store(tmp_path / "s", n_images=13, views=2, dtype="int8", chunk_images=4, T=4, D=8, skipped=(5,))
+    ro = FeatureStore.open(tmp_path / "s")
+    reader = ro._reader("tokens")
+    if path != "gather":
+        reader.per_row_copy_min_bytes = 0  # every row one memcpy
+    if path == "per_row_threaded":
+        reader.threads, reader.parallel_min_bytes = 2, 0
+    ref = np.asarray(zarr.open_array(str(tmp_path / "s" / "tokens"), mode="r")[:])
+    ref_s = np.asarray(zarr.open_array(str(tmp_path / "s" / "scales"), mode="r")[:])
+    rng = np.random.default_rng(2)
+    rows = np.concatenate([rng.permutation(ro.n_rows), [25, 0, 25, 11, 11]])  # any order, repeats
+    q, s = ro.read_raw(rows)
+    assert np.array_equal(q, ref[rows]) and np.array_equal(s, ref_s[rows])
+    assert reader._dense[0] is not None and reader._dense[1] is None  # mapped and fallback shards both ran
+    assert reader._dense[3].shape[0] == 2  # the last shard ends early (26 rows): its 2 rows are mapped too
+    buf = (np.full((rows.size, 4, 8), 99, np.int8), np.zeros((rows.size, 4), np.float16))
+    q2, s2 = ro.read_raw(rows, out=buf)
+    assert q2 is buf[0] and s2 is buf[1]
+    assert np.array_equal(buf[0], ref[rows]) and np.array_equal(buf[1], ref_s[rows])
+    if path == "per_row_threaded":
+        assert reader._pool is not None
+
+
+def test_read_raw_refuses_a_wrong_output_buffer(tmp_path):
+    make_store(tmp_path / "s")
+    ro = FeatureStore.open(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"tokens: output buffer must be .*int8.*\(3, 16, 32\)"):
+        ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.float32), np.empty((3, 16), np.float16)))
+    with pytest.raises(ValueError, match="scales: output buffer"):
+        ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.int8), np.empty((2, 16), np.float16)))

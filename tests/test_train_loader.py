@@ -153,6 +153,37 @@ def test_sampler_uses_only_images_with_all_views_and_refuses_tiny_stores():
         EpochSampler(ok, 2, batch_size=4)
 
 
+# ---------------------------------------------------------------- target prefetcher
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_target_prefetcher_reads_batches_in_order_through_one_staging_buffer(tmp_path, dtype):
+    """Targets come in the batch's own row order, equal the store's dequantized rows, survive later reads
+    (they never alias the reused staging buffer), and the staging buffer is allocated once."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _store_factory import make_store
+
+    from morphcache.train.targets import TargetPrefetcher
+
+    make_store(tmp_path / "s", n_images=24, views=2, dtype=dtype, chunk_images=4, T=16, D=32)
+    store = FeatureStore.open(tmp_path / "s")
+    sampler = EpochSampler(store.ok_rows(), 2, batch_size=5, seed=3)
+    pre = TargetPrefetcher(store, sampler, start_step=2, depth=2)
+    try:
+        got = [pre.get(g, sampler.batch_rows(g)) for g in range(2, 9)]  # crosses into epoch 1
+        staging = pre._stage[0].data_ptr()
+        got.append(pre.get(9, sampler.batch_rows(9)))
+        assert pre._stage[0].data_ptr() == staging
+        assert any(not np.array_equal(sampler.batch_rows(g), np.sort(sampler.batch_rows(g))) for g in range(2, 10))
+        for g, targets in zip(range(2, 10), got):
+            rows = sampler.batch_rows(g)
+            assert targets.dtype == torch.float32 and torch.equal(targets, store.read_tokens(rows))
+        with pytest.raises(RuntimeError, match="out of step at micro-batch 10"):
+            pre.get(10, sampler.batch_rows(11))
+    finally:
+        pre.close()
+
+
 # ---------------------------------------------------------------- DALI loader
 def test_dali_loader_renders_stored_views_with_cached_targets(store):
     from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource

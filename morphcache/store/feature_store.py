@@ -256,24 +256,27 @@ class FeatureStore:
             self._readers[name] = ShardRowReader.for_array(self.path / name)
         return self._readers[name]
 
-    def _read(self, name: str, sel) -> np.ndarray:
-        """Stored rows of array ``name`` for a slice or an id array (any order, repeats allowed)."""
+    def _read(self, name: str, sel, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored rows of array ``name`` for a slice or an id array (any order, repeats allowed), written into
+        ``out`` when given (tokens and scales only)."""
         arr = self.array(name)
         reader = self._reader(name) if name in ("tokens", "scales") else None
+        if reader is not None:
+            if isinstance(sel, slice):
+                return reader.read(np.arange(sel.start, sel.stop, dtype=np.int64), self._cacheable, out=out)
+            return reader.gather(sel, self._cacheable, out)
         if isinstance(sel, slice):
-            if reader is None:
-                return np.asarray(arr[sel])
-            return reader.read(np.arange(sel.start, sel.stop, dtype=np.int64), self._cacheable)
-        if sel.size == 0:
-            return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
-        uniq, first, pos = np.unique(sel, return_index=True, return_inverse=True)
-        pos = pos.reshape(-1)
-        if reader is None:
-            return np.take(np.asarray(arr.get_orthogonal_selection((uniq,))), pos, axis=0)
-        data = reader.read(uniq, self._cacheable, dest=first, n_out=sel.size)
-        if uniq.size != sel.size:  # repeated ids: copy from the first occurrence
-            dup = np.flatnonzero(first[pos] != np.arange(sel.size))
-            data[dup] = data[first[pos[dup]]]
+            data = np.asarray(arr[sel])
+        elif sel.size == 0:
+            data = np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+        else:
+            uniq, pos = np.unique(sel, return_inverse=True)
+            data = np.take(np.asarray(arr.get_orthogonal_selection((uniq,))), pos.reshape(-1), axis=0)
+        if out is not None:
+            if out.shape != data.shape or out.dtype != data.dtype:
+                raise ValueError(f"{self.path / name}: output buffer must be {data.dtype} {data.shape}, got {out.dtype} {out.shape}")
+            out[...] = data
+            return out
         return data
 
     def _cacheable(self, shard: int) -> bool:
@@ -288,6 +291,8 @@ class FeatureStore:
         """Dequantized tokens (B, T, D) float32 torch tensor; dequantization runs on ``device`` when given."""
         import torch
 
+        if device is None or str(device) == "cpu":
+            return torch.from_numpy(self.read_tokens_numpy(rows))
         q, scales = self.read_raw(rows)
         q = torch.from_numpy(q)
         scales = torch.from_numpy(scales) if scales is not None else None
@@ -296,10 +301,19 @@ class FeatureStore:
             scales = scales.to(device, non_blocking=True) if scales is not None else None
         return dequantize_torch(q, scales)
 
-    def read_raw(self, rows) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored tokens (B, T, D) int8/float16 and scales (B, T) or None, without dequantizing."""
+    def read_raw(self, rows, out: tuple[np.ndarray, np.ndarray | None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored tokens (B, T, D) int8/float16 and scales (B, T) or None, without dequantizing.
+
+        ``out``: optional (tokens, scales) buffers of exactly those shapes and the stored dtypes (scales None for
+        float16 stores), filled in place and returned; a reader that reuses them skips allocating and
+        page-faulting fresh memory for every batch (and can pass pinned memory for asynchronous device copies).
+        """
         sel, _ = self._rows(rows)
-        return self._read("tokens", sel), (self._read("scales", sel) if self.spec.dtype == "int8" else None)
+        tok_out, scale_out = out if out is not None else (None, None)
+        tokens = self._read("tokens", sel, tok_out)
+        scales = self._read("scales", sel, scale_out) if self.spec.dtype == "int8" else None
+        return tokens, scales
 
     def read_pooled(self, rows) -> np.ndarray:
         """(B, Dp) float32."""

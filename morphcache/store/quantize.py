@@ -47,7 +47,8 @@ def dequantize(q: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     """Inverse of :func:`quantize`: (..., T, D) float32."""
     if scales is None:
         return np.asarray(q, dtype=np.float32)
-    return np.asarray(q, dtype=np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
+    # One pass: numpy casts int8 to float32 inside the multiply (about 2x faster than cast, then multiply).
+    return np.multiply(q, np.asarray(scales, dtype=np.float32)[..., None], dtype=np.float32)
 
 
 def dequantize_torch(q, scales):

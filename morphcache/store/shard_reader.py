@@ -52,6 +52,11 @@ class ShardRowReader:
         # Large multi-shard reads are spread over threads: os.preadv releases the GIL, so copies overlap.
         self.threads = max(1, min(4, os.cpu_count() or 1))
         self.parallel_min_rows = 64
+        self.row_nbytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        # Rows this large are copied one memcpy each (measured 1.5-2x faster than a fancy-index gather, which
+        # copies through a temporary); batches this large are copied on several threads.
+        self.per_row_copy_min_bytes = 16 * 1024
+        self.parallel_min_bytes = 2 * 1024 * 1024
         self._pool = None
         self._active = 0
         self._cache: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
@@ -134,12 +139,87 @@ class ShardRowReader:
         while self._active == 0 and len(self._cache) > self.open_shards:
             os.close(self._cache.popitem(last=False)[1][0])
 
+    def output(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``out`` checked to be a C-contiguous (n, *row_shape) array of the stored dtype, or a new one."""
+        shape = (n,) + self.row_shape
+        if out is None:
+            return np.empty(shape, dtype=self.dtype)
+        if out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"{self.dir.name}: output buffer must be a writeable C-contiguous {self.dtype} array of "
+                             f"shape {shape}, got {out.dtype} {out.shape}")
+        return out
+
+    def gather(self, rows: np.ndarray, cacheable: Callable[[int], bool] = lambda s: False,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (B,) int64 in any order, repeats allowed -> ``out`` (B, *row_shape), ``out[k]`` = row
+        ``rows[k]``.
+
+        Rows of memory-mapped shards are copied straight to their place: one memcpy per row when rows are large
+        (no index arrays, no temporaries, no sort; split over threads for large batches), one numpy gather per
+        shard when they are small. Rows of other shards go through :meth:`read`.
+        """
+        out = self.output(rows.size, out)
+        if rows.size == 0:
+            return out
+        S = self.shard_rows
+        shard_ids = rows // S
+        maps = {s: self._mapped(s, cacheable) for s in np.unique(shard_ids).tolist()}
+        unmapped = [s for s, view in maps.items() if view is None]
+        if unmapped:
+            where = np.flatnonzero(np.isin(shard_ids, unmapped))
+            uniq, inverse = np.unique(rows[where], return_inverse=True)
+            out[where] = self.read(uniq, cacheable)[inverse.reshape(-1)]
+        local = rows - shard_ids * S
+        if self.row_nbytes < self.per_row_copy_min_bytes and rows.size > 4 * len(maps):
+            for s, view in maps.items():
+                if view is not None:
+                    k = np.flatnonzero(shard_ids == s)
+                    out[k] = view[local[k]]
+            return out
+        jobs = [(k, maps[s], r) for k, (s, r) in enumerate(zip(shard_ids.tolist(), local.tolist()))
+                if maps[s] is not None]
+
+        def copy(part: list) -> None:
+            for k, view, r in part:
+                out[k] = view[r]  # numpy releases the GIL for the copy
+
+        if self.threads > 1 and len(jobs) > 1 and len(jobs) * self.row_nbytes >= self.parallel_min_bytes:
+            step = -(-len(jobs) // self.threads)
+            parts = [jobs[i:i + step] for i in range(0, len(jobs), step)]
+            futures = [self._executor().submit(copy, p) for p in parts[1:]]
+            copy(parts[0])
+            for future in futures:
+                future.result()
+        else:
+            copy(jobs)
+        return out
+
+    def _mapped(self, s: int, cacheable: Callable[[int], bool]) -> np.ndarray | None:
+        """The memory map of shard ``s`` (see :meth:`_dense_view`), or None when it is not complete and dense."""
+        view = self._dense.get(s)
+        if view is not None or s in self._dense or not cacheable(s):
+            return view
+        with self._lock:
+            self._active += 1
+        try:
+            got = self._shard(s, True)
+            if got is None:
+                return None
+            if got[2]:  # descriptor caching is off (open_shards <= 0): no map either
+                os.close(got[0])
+                return None
+            return self._dense_view(s, got[0], got[1])
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._evict_locked()
+
     def read(self, rows: np.ndarray, cacheable: Callable[[int], bool] = lambda s: False,
-             dest: np.ndarray | None = None, n_out: int | None = None) -> np.ndarray:
+             dest: np.ndarray | None = None, n_out: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (sorted ascending, unique int64) -> array (n_out, *row_shape) of the stored dtype with
         row ``rows[k]`` at ``out[dest[k]]`` (default: ``dest = arange``, ``n_out = len(rows)``); bytes are read
-        straight into their destination."""
-        out = np.empty((rows.size if n_out is None else n_out,) + self.row_shape, dtype=self.dtype)
+        straight into their destination (``out`` when given)."""
+        out = self.output(rows.size if n_out is None else n_out, out)
         if rows.size == 0:
             return out
         dest = np.arange(rows.size) if dest is None else np.asarray(dest, dtype=np.int64)
@@ -196,23 +276,24 @@ class ShardRowReader:
             read_groups(groups)
 
     def _dense_view(self, s: int, fd: int, index: np.ndarray) -> np.ndarray | None:
-        """(shard_rows, *row_shape) read-only view of shard ``s`` when its inner chunks are stored uncompressed,
-        complete and in order; None otherwise (callers then read row by row)."""
+        """(rows, *row_shape) read-only view of shard ``s`` when the inner chunks holding its rows are stored
+        uncompressed, complete and in order; None otherwise (callers then read row by row). The last shard of an
+        array may end early: only its inner chunks inside the array count."""
         with self._lock:
             if s in self._dense:
                 self._dense.move_to_end(s)
                 return self._dense[s]
         view = None
-        off, ln = index[:, 0].astype(np.int64), index[:, 1].astype(np.int64)
+        n_used = -(-min(self.shard_rows, self.shape[0] - s * self.shard_rows) // self.inner_rows)
+        off, ln = index[:n_used, 0].astype(np.int64), index[:n_used, 1].astype(np.int64)
         nb = self.inner_nbytes
-        if (not self.blosc and np.all(ln == nb) and np.all(off == off[0] + np.arange(self.n_inner) * nb)
-                and os.fstat(fd).st_size >= int(off[0]) + self.n_inner * nb):
+        if (not self.blosc and n_used > 0 and np.all(ln == nb) and np.all(off == off[0] + np.arange(n_used) * nb)
+                and os.fstat(fd).st_size >= int(off[0]) + n_used * nb):
             import mmap
 
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            count = self.shard_rows * int(np.prod(self.row_shape, dtype=np.int64))
-            view = np.frombuffer(mm, dtype=self.dtype, count=count, offset=int(off[0]))
-            view = view.reshape((self.shard_rows,) + self.row_shape)
+            view = np.frombuffer(mm, dtype=self.dtype, count=n_used * nb // self.dtype.itemsize, offset=int(off[0]))
+            view = view.reshape((n_used * self.inner_rows,) + self.row_shape)
         with self._lock:
             self._dense[s] = view
             while len(self._dense) > self.open_shards:  # views keep their mapping alive while in use

@@ -11,9 +11,9 @@ Per micro-batch ``g`` (a global index; see :mod:`morphcache.train.sampler`):
 - the rendering is extraction's own :func:`~morphcache.extract.render_dali.build_view_pipeline`, at the student's
   input size (plus the teacher's size for ``--teacher-online``, plus a second view for LUT), so the student sees
   exactly the pixels the teacher saw.
-- targets are read in the main process, by :class:`TargetPrefetcher` on a background thread, with
-  ``FeatureStore.read_tokens`` for the batch's rows (zarr reads them in sorted order and scatters back), a few
-  batches ahead. The rows DALI returns are checked against the sampler's, so images and targets cannot drift.
+- targets are read in the main process, a few batches ahead, by
+  :class:`~morphcache.train.targets.TargetPrefetcher` on a background thread. The rows DALI returns are checked
+  against the sampler's, so images and targets cannot drift.
 
 ``Batch(images (B,3,S,S) float32, targets (B,T,D) float32 | None, rows (B,) int64)`` plus optional
 ``images2``/``rows2`` (LUT's second view) and ``teacher_images`` (B,3,St,St) (online teacher).
@@ -22,7 +22,6 @@ Per micro-batch ``g`` (a global index; see :mod:`morphcache.train.sampler`):
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from morphcache.train.sampler import EpochSampler
+from morphcache.train.targets import TargetPrefetcher
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported lazily: spawned DALI workers never need it
     import torch
@@ -111,40 +111,6 @@ class ViewSource:
 
     def __call__(self, sample_info) -> tuple[np.ndarray, ...]:
         return self.sample(self.start_sample + int(sample_info.idx_in_epoch))
-
-
-class TargetPrefetcher:
-    """Reads dequantized targets (B, T, D) for micro-batches ahead of use on one background thread."""
-
-    def __init__(self, store, sampler: EpochSampler, start_step: int, depth: int = 2, device: str | None = None):
-        self.store, self.sampler, self.device = store, sampler, device
-        self.next_step = int(start_step)
-        self.depth = max(1, int(depth))
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="targets")
-        self._pending: dict[int, Future] = {}
-
-    def _submit(self, step: int) -> None:
-        rows = self.sampler.batch_rows(step)
-        self._pending[step] = self._pool.submit(self.store.read_tokens, np.sort(rows), self.device)
-
-    def get(self, step: int, rows: np.ndarray) -> "torch.Tensor":
-        """Targets of micro-batch ``step`` in the order of ``rows`` (which must be that batch's rows)."""
-        import torch
-
-        for s in range(step, step + self.depth + 1):
-            if s not in self._pending:
-                self._submit(s)
-        sorted_targets = self._pending.pop(step).result()
-        expected = self.sampler.batch_rows(step)
-        if not np.array_equal(np.asarray(rows), expected):
-            raise RuntimeError(f"loader out of step at micro-batch {step}: rendered rows differ from the sampler's")
-        order = np.argsort(np.argsort(expected, kind="stable"), kind="stable")  # rank of each row among sorted
-        return sorted_targets[torch.from_numpy(order)]
-
-    def close(self) -> None:
-        for f in self._pending.values():
-            f.cancel()
-        self._pool.shutdown(wait=True)
 
 
 def _to_torch(tl) -> "torch.Tensor":

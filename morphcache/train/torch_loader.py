@@ -2,7 +2,7 @@
 
 It serves the SAME micro-batches as :class:`~morphcache.train.loader.DaliTrainLoader`: the same
 :class:`~morphcache.train.sampler.EpochSampler` rows, the same :class:`~morphcache.train.loader.ViewSource` (bytes
-from ``load_canonical_bytes`` + stored ViewParams) and the same :class:`~morphcache.train.loader.TargetPrefetcher`,
+from ``load_canonical_bytes`` + stored ViewParams) and the same :class:`~morphcache.train.targets.TargetPrefetcher`,
 so rows and targets are identical. Pixels come from the PIL renderer
 (:func:`~morphcache.extract.render_pil.render_pil`), which copies DALI's maths but is not bit-exact: the difference
 is measured (:mod:`morphcache.extract.render_fidelity`, and ``tests/test_train_loader.py``), not assumed. Use the
@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from morphcache.train.loader import Batch, RenderSpec, TargetPrefetcher, ViewSource
+from morphcache.train.loader import Batch, RenderSpec, ViewSource
 from morphcache.train.sampler import EpochSampler
+from morphcache.train.targets import TargetPrefetcher
 
 
 class _ViewDataset(torch.utils.data.Dataset):
