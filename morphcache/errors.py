@@ -8,6 +8,10 @@ Library code never uses ``assert`` for validation.
 
 from __future__ import annotations
 
+import re
+
+_REPORTED = re.compile(r"morphcache\.errors\.(\w+): ")
+
 
 class MorphcacheError(Exception):
     """A problem with the user's input; the message is a single actionable line."""
@@ -42,3 +46,18 @@ class BadImageError(MorphcacheError):
 
 class ConfigError(MorphcacheError):
     """Incompatible options, e.g. a student whose token grid does not match the store."""
+
+
+def error_from_worker(exc: BaseException) -> MorphcacheError | None:
+    """The :class:`MorphcacheError` a worker process raised, recovered from the traceback text that DALI's
+    parallel external source or a torch DataLoader worker re-raises in the main process (as a bare ``Exception``
+    or with a multi-line message); None when ``exc`` does not carry one."""
+    text = str(exc)
+    found = list(_REPORTED.finditer(text))
+    if not found:
+        return exc if isinstance(exc, MorphcacheError) else None
+    # the traceback's last line is "morphcache.errors.<Name>: <one-line message>" (torch joins the lines)
+    name, message = found[-1].group(1), text[found[-1].end():].split("\n", 1)[0].strip()
+    kind = globals().get(name)
+    kind = kind if isinstance(kind, type) and issubclass(kind, MorphcacheError) else MorphcacheError
+    return kind(message)

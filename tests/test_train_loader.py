@@ -184,6 +184,35 @@ def test_target_prefetcher_reads_batches_in_order_through_one_staging_buffer(tmp
         pre.close()
 
 
+def test_view_source_refuses_an_image_edited_after_extraction(tmp_path):
+    """The loaders read each image through the manifest hash: an edited file would pair new pixels with the old
+    cached targets, so it is refused with its path, both in-process and from DALI's worker processes."""
+    from PIL import Image
+
+    from morphcache.errors import MorphcacheError
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
+
+    store = build_teacher_store(tmp_path, n_images=4, views=2, chunk_images=2)
+    sampler = EpochSampler(store.ok_rows(), 2, batch_size=4, seed=0)
+    source = ViewSource(str(store.path), sampler)
+    assert source.sample(0)[0].size > 0
+    victim = Path(store.spec.dataset_root) / "im002.png"
+    pixels = np.asarray(Image.open(victim)).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(victim)
+    bad = [g for g in range(4) if sampler.sample_rows(g)[0] // 2 == 2][0]
+    with pytest.raises(MorphcacheError, match=r"im002\.png: file changed since the store was extracted"):
+        ViewSource(str(store.path), sampler).sample(bad)
+    from morphcache.train.torch_loader import TorchTrainLoader
+
+    t = store.spec.teacher
+    for make in (DaliTrainLoader, TorchTrainLoader):  # the worker's error arrives as one line, not a traceback
+        loader = make(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1)
+        with pytest.raises(MorphcacheError, match=r"im002\.png: file changed since the store was extracted") as info:
+            _take(loader, 1)
+        assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
 # ---------------------------------------------------------------- DALI loader
 def test_dali_loader_renders_stored_views_with_cached_targets(store):
     from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource

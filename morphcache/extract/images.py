@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from morphcache.errors import BadImageError
+from morphcache.errors import BadImageError, MorphcacheError
 from morphcache.store.image_table import (
     STATUS_CORRUPT,
     STATUS_EMPTY,
@@ -220,6 +220,17 @@ def load_canonical_bytes(path: str | Path, *, verify: bool = True) -> tuple[byte
     extraction already checked). Raises :class:`BadImageError` (``.reason`` = status code) for bad files.
     """
     return canonicalize_bytes(read_file_bytes(path), path, verify=verify)
+
+
+def load_stored_image_bytes(path: str | Path, expected_hash: str, *, verify: bool = True) -> tuple[bytes, tuple[int, int]]:
+    """:func:`load_canonical_bytes` for an image a store was extracted from: a file whose content hash differs
+    from ``expected_hash`` (the manifest's; empty skips the check) is refused, since its stored views and
+    cached targets no longer describe its pixels. Used by extraction, replay and the training loaders."""
+    data = read_file_bytes(path)
+    if expected_hash and content_hash(data) != expected_hash:
+        raise MorphcacheError(f"{path}: file changed since the store was extracted (content hash differs), so its "
+                              "cached targets no longer match; restore the file or extract into a new --out store")
+    return canonicalize_bytes(data, path, verify=verify)
 
 
 def decode_rgb(encoded: bytes) -> np.ndarray:

@@ -84,14 +84,10 @@ class ChunkSource:
 
     def load_one(self, i: int) -> tuple[bytes, tuple[int, int]]:
         """Canonical bytes and (h, w) of image ``i``; raises BadImageError / MorphcacheError."""
-        from morphcache.extract.images import canonicalize_bytes, content_hash, read_file_bytes
+        from morphcache.extract.images import load_stored_image_bytes
 
-        path = self.root / str(self.images.path[i])
-        data = read_file_bytes(path)
-        if self.check_hash and self.images.hash[i] and content_hash(data) != self.images.hash[i]:
-            raise MorphcacheError(f"{path}: file changed since the store was created (content hash differs); "
-                                  "restore it or extract into a new --out store")
-        return canonicalize_bytes(data, path)
+        expected = str(self.images.hash[i]) if self.check_hash else ""
+        return load_stored_image_bytes(self.root / str(self.images.path[i]), expected)
 
     def load_chunk(self, c: int) -> tuple[ChunkPlan, list[bytes]]:
         """The plan of chunk ``c`` and the encoded bytes of its good images (one entry per good image)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from morphcache.errors import error_from_worker
 from morphcache.train.sampler import EpochSampler
 from morphcache.train.targets import TargetPrefetcher
 
@@ -77,10 +78,11 @@ class ViewSource:
         self.start_sample = int(start_step) * sampler.batch_size
         self._views: np.ndarray | None = None
         self._paths: np.ndarray | None = None
+        self._hashes: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_views"] = state["_paths"] = None
+        state["_views"] = state["_paths"] = state["_hashes"] = None
         return state
 
     def _open(self) -> None:
@@ -91,13 +93,16 @@ class ViewSource:
         self._views = np.asarray(store.array("views")[:], dtype=np.float32)  # (R, P)
         paths = np.asarray(store.array("images/path")[:]).astype(object)  # StringDType -> python str
         self._paths = np.array([os.path.join(root, str(p)) for p in paths], dtype=object)
+        self._hashes = np.asarray(store.array("images/hash")[:]).astype(object).astype(str)
 
     def image_bytes(self, row: int) -> np.ndarray:
-        from morphcache.extract.images import load_canonical_bytes
+        """Canonical encoded bytes of ``row``'s image; a file edited since extraction is refused (one blake2b)."""
+        from morphcache.extract.images import load_stored_image_bytes
 
         if self._paths is None:
             self._open()
-        data, _ = load_canonical_bytes(self._paths[row // self.sampler.views_per_image], verify=False)
+        i = row // self.sampler.views_per_image
+        data, _ = load_stored_image_bytes(self._paths[i], self._hashes[i], verify=False)
         return np.frombuffer(data, dtype=np.uint8)
 
     def sample(self, global_sample: int) -> tuple[np.ndarray, ...]:
@@ -143,7 +148,13 @@ class DaliTrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         step = self.start_step
         while True:
-            outs = self._pipe.run()
+            try:
+                outs = self._pipe.run()
+            except Exception as exc:  # a worker's MorphcacheError arrives as a bare Exception with its traceback
+                err = error_from_worker(exc)
+                if err is None:
+                    raise
+                raise err from None
             yield self._batch(step, outs)
             step += 1
 
