@@ -1,11 +1,12 @@
 """Fast row reads from row-sharded zarr v3 arrays, straight from the shard files.
 
 Training reads batches of rows scattered over many shards; going through zarr costs 4-7 ms per random row here
-(each row is one inner chunk decoded through the async codec pipeline), this reader about 0.02 ms: complete,
-uncompressed shards are memory-mapped and a batch is one numpy gather per shard; other shards are read with one
-``preadv`` per run of adjacent rows (blosc-compressed inner chunks are decoded here too). It understands
-exactly the layout :class:`~morphcache.store.feature_store.FeatureStore` writes and returns None for anything
-else, in which case callers read through zarr.
+(each row is one inner chunk decoded through the async codec pipeline), this reader about 0.01 ms. Complete,
+uncompressed shards (the last one of an array may end early) are memory-mapped once; :meth:`ShardRowReader.gather`
+then copies a batch in its own order straight into the caller's buffer, one memcpy per large row. Other shards
+(partly written, or blosc-compressed inner chunks, decoded here) are read with one ``preadv`` per run of adjacent
+rows. It understands exactly the layout :class:`~morphcache.store.feature_store.FeatureStore` writes and returns
+None for anything else, in which case callers read through zarr.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from morphcache.errors import StoreError
-
-_EMPTY = np.uint64(2**64 - 1)
+from morphcache.store.shard_files import ShardFileIO
 
 
-class ShardRowReader:
+class ShardRowReader(ShardFileIO):
     """Reads rows of a row-sharded zarr v3 array straight from its shard files.
 
     Layout (zarr v3 ``sharding_indexed``, index at the end): shard ``s`` holds rows ``[s*S, (s+1)*S)`` in file
@@ -61,7 +60,8 @@ class ShardRowReader:
         self._active = 0
         self._cache: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
         # Complete, uncompressed shards whose rows lie back to back are memory-mapped once: a batch of scattered
-        # rows is then one numpy gather instead of a read per row. None marks shards that are not laid out so.
+        # rows is then a copy per row (or one numpy gather) instead of a pread per row. None marks shards that
+        # are not laid out so.
         self._dense: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -92,18 +92,6 @@ class ShardRowReader:
 
     def shard_file(self, s: int) -> Path:
         return self.dir.joinpath("c", str(s), *(["0"] * (len(self.shape) - 1)))
-
-    def _load_index(self, fd: int, path: Path) -> np.ndarray:
-        import google_crc32c
-
-        nbytes = self.n_inner * 16
-        size = os.fstat(fd).st_size
-        if size < nbytes + 4:
-            raise StoreError(f"{path}: shard file is truncated ({size} bytes); run `morphcache store verify`")
-        raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
-        if google_crc32c.value(raw[:nbytes]) != int.from_bytes(raw[nbytes:], "little"):
-            raise StoreError(f"{path}: shard index checksum mismatch, the store is damaged; run `morphcache store verify`")
-        return np.frombuffer(raw[:nbytes], dtype="<u8").reshape(self.n_inner, 2)
 
     def _shard(self, s: int, cacheable: bool) -> tuple[int, np.ndarray, bool] | None:
         """(fd, index (n_inner, 2), caller_closes) or None when the shard file does not exist."""
@@ -308,64 +296,6 @@ class ShardRowReader:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="morphcache-rows")
         return self._pool
-
-    def _read_shard(self, fd: int, index: np.ndarray, local: np.ndarray, out: np.ndarray, dest: np.ndarray,
-                    s: int) -> None:
-        I, nb = self.inner_rows, self.inner_nbytes
-        ids = local // I
-        uniq = np.unique(ids)
-        off, ln = index[uniq, 0], index[uniq, 1]
-        empty = off == _EMPTY
-        # Runs of inner chunks that are adjacent both in the grid and on disk are fetched with one pread.
-        brk = np.ones(uniq.size, dtype=bool)
-        # Small gaps are read through (e.g. a whole scales shard in one pread instead of one per row).
-        gap = off[1:].astype(np.int64) - (off[:-1] + ln[:-1]).astype(np.int64)
-        brk[1:] = (gap < 0) | (gap > self.max_gap) | empty[1:] | empty[:-1]
-        starts = np.flatnonzero(brk)
-        ends = np.concatenate([starts[1:], [uniq.size]])
-        los = np.searchsorted(ids, uniq[starts], "left").tolist()
-        his = np.searchsorted(ids, uniq[ends - 1], "right").tolist()
-        for a, b, lo, hi in zip(starts.tolist(), ends.tolist(), los, his):
-            if empty[a]:
-                out[dest[lo:hi]] = self.fill
-                continue
-            total = int(off[b - 1] + ln[b - 1] - off[a])
-            n = b - a
-            if not self.blosc and hi - lo == n * I and total == n * nb:
-                # The wanted rows are exactly this run: read the bytes straight into their destinations.
-                d0 = int(dest[lo])
-                if hi - lo == 1 or np.all(np.diff(dest[lo:hi]) == 1):
-                    pieces = [(out[d0:d0 + hi - lo], int(off[a]))]
-                else:
-                    pieces = [(out[d:d + 1], int(off[a]) + k * nb // I) for k, d in enumerate(dest[lo:hi].tolist())]
-                for target, offset in pieces:
-                    if os.preadv(fd, [memoryview(target).cast("B")], offset) != target.nbytes:
-                        raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
-                continue
-            buf = os.pread(fd, total, int(off[a]))
-            if len(buf) != total:
-                raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
-            if self.blosc:
-                import numcodecs.blosc as blosc
-
-                block = np.empty((n * I,) + self.row_shape, dtype=self.dtype)
-                flat = block.reshape(n, -1).view(np.uint8)
-                rel = (off[a:b] - off[a]).astype(np.int64).tolist()
-                for k, length in enumerate(ln[a:b].astype(np.int64).tolist()):
-                    try:
-                        blosc.decompress(memoryview(buf)[rel[k]:rel[k] + length], flat[k])
-                    except Exception as exc:
-                        raise StoreError(f"{self.shard_file(s)}: undecodable inner chunk ({exc}); run `morphcache store verify`") from None
-            else:
-                if np.any(ln[a:b] != nb):
-                    raise StoreError(f"{self.shard_file(s)}: inner chunk size differs from {nb} bytes; the store is damaged")
-                rel = (off[a:b] - off[a]).astype(np.int64)
-                raw = np.frombuffer(buf, dtype=np.uint8)
-                if total != n * nb:
-                    raw = raw[rel[:, None] + np.arange(nb)[None, :]]
-                block = raw.view(self.dtype).reshape((n * I,) + self.row_shape)
-            which = np.searchsorted(uniq[a:b], ids[lo:hi]) * I + local[lo:hi] % I
-            out[dest[lo:hi]] = block[which]
 
     def close(self) -> None:
         self._dense.clear()
