@@ -218,3 +218,34 @@ def test_interrupted_store_creation_is_redone(reference, data, tmp_path):
     zarr.open_group(str(out), mode="w-", zarr_format=3).create_array("progress", shape=(5,), dtype="uint8")
     assert main(["extract", "--data", str(data), "--out", str(out), *BASE, "--dtype", "float16"]) == 0
     assert_same_arrays(reference, out)
+
+
+def test_view_distribution_options_reach_the_store_and_are_part_of_its_identity(reference, data, tmp_path, capsys):
+    """--augment FILE then --crop-scale / --interpolation (flags win) define the stored views; resuming the
+    store with another distribution is refused; a bad file or value is one line naming it."""
+    from morphcache.store.feature_store import FeatureStore
+
+    aug = tmp_path / "aug.json"
+    aug.write_text('{"scale": [0.2, 0.9], "flip_p": 0.0, "brightness": 0.1}')
+    out = tmp_path / "s"
+    argv = ["extract", "--data", str(data), "--out", str(out), *BASE, "--dtype", "float16", "--augment", str(aug),
+            "--crop-scale", "0.6", "1.0", "--interpolation", "cubic"]
+    assert main(argv) == 0
+    spec = FeatureStore.open(out).spec
+    assert spec.augment.scale == (0.6, 1.0) and spec.augment.flip_p == 0.0 and spec.augment.brightness == 0.1
+    assert spec.augment.interpolation == "cubic"
+    views = FeatureStore.open(out).read_views(slice(None))  # (R, P): top, left, height, width, flip, ...
+    ref_views = FeatureStore.open(reference).read_views(slice(None))
+    assert not views[:, 4].any() and ref_views[:, 4].any()  # no flips with flip_p 0
+    assert np.abs(views[:, 5] - 1).max() <= 0.1 + 1e-6 < np.abs(ref_views[:, 5] - 1).max()
+    capsys.readouterr()
+    assert main([*argv[:-4], "0.3", "1.0", "--interpolation", "cubic"]) == 2  # another --crop-scale
+    err = capsys.readouterr().err
+    assert "augment.scale" in err and len(err.strip().splitlines()) == 1
+    bad_cases = [(["--crop-scale", "0.5", "0.2"], "scale"), (["--interpolation", "nearest"], "interpolation"),
+                 (["--augment", str(tmp_path / "missing.json")], "missing.json: cannot read")]
+    for extra, needle in bad_cases:
+        assert main(["extract", "--data", str(data), "--out", str(tmp_path / "t"), *BASE, *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()

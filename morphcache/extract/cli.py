@@ -32,6 +32,11 @@ def extract_command(
     dask_workers: Annotated[int | None, typer.Option(help="worker processes of the embedded LocalCluster (implies --dask local)")] = None,
     on_bad_image: Annotated[str, typer.Option(help="skip (record the reason, go on) | fail (stop, exit 2)")] = "skip",
     limit: Annotated[int | None, typer.Option(help="use only the first N images of the manifest")] = None,
+    augment: Annotated[Path | None, typer.Option(help="JSON file of view-distribution fields (AugmentSpec: scale, "
+                                                 "ratio, flip_p, brightness, contrast, saturation, hue, interpolation)")] = None,
+    crop_scale: Annotated[tuple[float, float] | None, typer.Option(help="RandomResizedCrop area range LO HI "
+                                                                   "(default 0.08 1.0; overrides --augment)")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="linear | cubic resize of the views (overrides --augment)")] = None,
 ) -> int:
     """Run the teacher over V augmented views of every image and write tokens + view parameters to a zarr store.
 
@@ -40,8 +45,10 @@ def extract_command(
     """
     from morphcache.extract.distributed import parse_shard
     from morphcache.extract.pipeline import ExtractOptions, run_extraction
+    from morphcache.schemas import augment_from
 
     opts = ExtractOptions(
+        augment=augment_from(str(augment) if augment is not None else None, scale=crop_scale, interpolation=interpolation),
         data=str(data), out=str(out), teacher=teacher, views=views, image_size=image_size, batch_size=batch_size,
         workers=workers, threads=threads, seed=seed, dtype=dtype, chunk_images=chunk_images, precision=precision, device=device,
         projected=projected, on_bad_image=on_bad_image, limit=limit,

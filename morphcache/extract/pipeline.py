@@ -52,6 +52,7 @@ class ExtractOptions:
     shard: tuple[int, int] | None = None
     dask: str | None = None
     dask_workers: int | None = None
+    augment: object | None = None  # AugmentSpec; None = the default view distribution
 
     def teacher_args(self) -> dict:
         return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projected,
@@ -191,7 +192,7 @@ def plan_store(opts: ExtractOptions, teacher_spec):
     if opts.limit is not None:
         table = table.subset(slice(0, opts.limit))
     spec = StoreSpec(
-        teacher=teacher_spec, augment=AugmentSpec(), seed=opts.seed, views_per_image=opts.views,
+        teacher=teacher_spec, augment=opts.augment or AugmentSpec(), seed=opts.seed, views_per_image=opts.views,
         n_images=len(table), chunk_images=opts.chunk_images or max(1, DEFAULT_CHUNK_ROWS // opts.views), dtype=opts.dtype,
         dataset_root=str(root), dataset_fingerprint=table.fingerprint(), package_version=__version__,
     )

@@ -13,6 +13,7 @@ from morphcache.schemas.specs import (
     StoreSpec,
     TeacherSpec,
     ViewParams,
+    augment_from,
 )
 from morphcache.schemas.versioning import load_versioned, migrate, register_migration
 
@@ -29,6 +30,7 @@ __all__ = [
     "TeacherSpec",
     "VIEW_FIELDS",
     "ViewParams",
+    "augment_from",
     "load_versioned",
     "migrate",
     "register_migration",

@@ -93,6 +93,36 @@ class AugmentSpec(_Model):
         return self
 
 
+def augment_from(path: str | None = None, **overrides) -> AugmentSpec:
+    """An :class:`AugmentSpec` from an optional JSON file of its fields, then the non-None ``overrides`` (command
+    line flags win over the file). Bad files and values raise one-line ``ConfigError``s naming them."""
+    import json
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from morphcache.errors import ConfigError
+
+    fields: dict = {}
+    if path is not None:
+        try:
+            fields = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"--augment {path}: cannot read it ({exc.strerror}); pass a JSON file of AugmentSpec fields") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--augment {path}: not JSON ({exc.msg}, line {exc.lineno}); pass a JSON object of AugmentSpec fields") from None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"--augment {path}: expected a JSON object of AugmentSpec fields, got {type(fields).__name__}")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AugmentSpec(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "augment"
+        raise ConfigError(f"augmentation {where}={err.get('input')!r}: {err['msg']}; fields and ranges are in "
+                          "`morphcache schemas export` (AugmentSpec)") from None
+
+
 class ViewParams(_Model):
     """One augmented view of one source image, in source pixels (crop) and jitter factors.
 

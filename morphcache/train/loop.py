@@ -184,6 +184,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if device.type == "cuda":  # LUT's BatchNorms see the global batch (SyncBatchNorm runs on GPUs only)
+            objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
         model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     if rank == 0:
