@@ -54,6 +54,35 @@ def test_spec_geometry_and_diff():
     assert spec.diff(other) == ["seed"]  # creation time is not part of the identity
 
 
+def test_teacher_weights_are_identified_by_hash_not_path():
+    base = _spec()
+    def with_weights(path, sha):
+        return base.model_copy(update={"teacher": base.teacher.model_copy(update={"pretrained": path, "weights_sha256": sha})})
+    a, moved = with_weights("/node1/w.pt", "ab" * 32), with_weights("/node2/w.pt", "ab" * 32)
+    assert a.diff(moved) == []  # same weights elsewhere: the same store
+    assert a.diff(with_weights("/node1/w.pt", "cd" * 32)) == ["teacher.weights_sha256"]
+    assert with_weights("/a", None).diff(with_weights("/b", None)) == ["teacher.pretrained"]  # no hash: path counts
+
+
+def test_augment_from_file_and_flags(tmp_path):
+    from morphcache.errors import ConfigError
+    from morphcache.schemas import augment_from
+
+    f = tmp_path / "aug.json"
+    f.write_text('{"scale": [0.2, 1.0], "hue": 0.1}')
+    assert augment_from(str(f), scale=(0.5, 1.0), interpolation=None) == AugmentSpec(scale=(0.5, 1.0), hue=0.1)
+    assert augment_from() == AugmentSpec()
+    f.write_text('{"sclae": [0.2, 1.0]}')
+    with pytest.raises(ConfigError, match="augmentation sclae="):
+        augment_from(str(f))
+    f.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        augment_from(str(f))
+    f.write_text("{oops")
+    with pytest.raises(ConfigError, match="aug.json: not JSON"):
+        augment_from(str(f))
+
+
 def test_invalid_values_are_refused():
     with pytest.raises(ValueError):
         AugmentSpec(scale=(0.5, 0.1))

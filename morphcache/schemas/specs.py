@@ -201,8 +201,13 @@ class StoreSpec(_Model):
         return "absmax-per-token" if self.dtype == "int8" else "none"
 
     def identity(self) -> dict:
-        """The fields that determine array content (excludes creation time and package version)."""
-        return self.model_dump(mode="json", exclude={"created", "package_version"})
+        """The fields that determine array content: not the creation time or package version, and not the
+        teacher's weight path when the sha256 of its weights is known (the same weights may live at another path
+        on another machine, e.g. when a preempted extraction resumes elsewhere)."""
+        out = self.model_dump(mode="json", exclude={"created", "package_version"})
+        if out["teacher"].get("weights_sha256"):
+            out["teacher"].pop("pretrained", None)
+        return out
 
     def diff(self, other: "StoreSpec") -> list[str]:
         """Dotted names of identity fields that differ, e.g. ``['teacher.image_size', 'seed']``."""
