@@ -162,6 +162,12 @@ def test_int8_and_bf16(reference, data, tmp_path):
     ref = FeatureStore.open(reference).read_tokens_numpy(slice(0, 12))
     cos = token_cosine(store.read_tokens_numpy(slice(0, 12)), ref)
     assert cos.mean() > 0.95  # bf16 autocast + int8 against fp32 + float16
+    # the precision is recorded: a resume in another precision is refused, replays default to it
+    assert store.spec.teacher.precision == "bf16" and FeatureStore.open(reference).spec.teacher.precision == "fp32"
+    assert main(["extract", "--data", str(data), "--out", str(out), *BASE, "--dtype", "int8", "--limit", "6"]) == 2
+    from morphcache.extract.replay import replay_check
+
+    assert replay_check(out, rows=4).passed
 
 
 class _FailingStore:

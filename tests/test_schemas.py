@@ -101,17 +101,30 @@ def test_newer_and_missing_versions_are_refused_naming_both():
 
 
 def test_migration_hook_upgrades_old_documents(monkeypatch):
-    monkeypatch.setattr(versioning, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(versioning, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
     def rename(doc):
         doc["seed"] = doc.pop("old_seed")
         return doc
 
-    monkeypatch.setitem(versioning.MIGRATIONS, ("StoreSpec", 1), rename)
-    doc = {"schema_version": 1, "old_seed": 7}
-    assert migrate("StoreSpec", doc) == {"schema_version": 2, "seed": 7}
+    monkeypatch.setitem(versioning.MIGRATIONS, ("StoreSpec", SCHEMA_VERSION), rename)
+    doc = {"schema_version": SCHEMA_VERSION, "old_seed": 7}
+    assert migrate("StoreSpec", doc) == {"schema_version": SCHEMA_VERSION + 1, "seed": 7}
     with pytest.raises(StoreError, match="cannot be migrated"):
-        migrate("RunConfig", {"schema_version": 1})
+        migrate("RunConfig", {"schema_version": SCHEMA_VERSION})
+
+
+def test_schema_1_store_specs_migrate_with_unknown_teacher_precision():
+    """Schema 2 records the teacher's precision; schema-1 documents load with it unknown (None), and an unknown
+    precision matches any (so a schema-1 store can still be resumed, replayed and compared)."""
+    v1 = _spec().model_dump(mode="json")
+    v1["schema_version"] = 1
+    del v1["teacher"]["precision"]
+    spec = load_versioned(StoreSpec, v1, source="old/store")
+    assert spec.schema_version == SCHEMA_VERSION == 2 and spec.teacher.precision is None
+    bf16 = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"precision": "bf16"})})
+    fp32 = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"precision": "fp32"})})
+    assert spec.diff(bf16) == [] and bf16.diff(fp32) == ["teacher.precision"]
 
 
 def test_schemas_export_cli(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from morphcache.cli import main
+from morphcache.schemas import SCHEMA_VERSION
 from morphcache.store.feature_store import FeatureStore
 from morphcache.store.stats import grid_geometry
 
@@ -131,9 +132,9 @@ def _damage(kind: str, root: Path) -> str:
         return "truncated store, array 'pooled' is missing"
     if kind == "other_version":
         meta = json.loads((root / "zarr.json").read_text())
-        meta["attributes"]["morphcache"]["schema_version"] = 2
+        meta["attributes"]["morphcache"]["schema_version"] = SCHEMA_VERSION + 1
         (root / "zarr.json").write_text(json.dumps(meta))
-        return "schema version 2 .*version 1"
+        return f"schema version {SCHEMA_VERSION + 1} .*version {SCHEMA_VERSION}"
     if kind == "no_spec":
         meta = json.loads((root / "zarr.json").read_text())
         del meta["attributes"]["morphcache"]

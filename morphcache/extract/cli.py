@@ -67,7 +67,7 @@ def replay_check_command(
     seed: Annotated[int, typer.Option(help="seed of the row sample")] = 0,
     batch_size: Annotated[int, typer.Option(help="render / teacher batch")] = 16,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    precision: Annotated[str, typer.Option(help="teacher precision for the replay")] = "fp32",
+    precision: Annotated[str | None, typer.Option(help="teacher precision for the replay (default: the store's)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
 ) -> int:
     """Re-render stored views, re-run the teacher, report per-token cosine against the cache (exit 1 below goal)."""

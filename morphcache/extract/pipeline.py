@@ -96,11 +96,12 @@ def build_teacher(teacher: str, image_size: int | None = None, projected: bool =
     return load_teacher(**kwargs, image_size=image_size, projected=projected, device=device, precision=precision)
 
 
-def teacher_from_spec(spec, device: str = "cpu", precision: str = "fp32"):
-    """Rebuild a store's teacher from its :class:`TeacherSpec` (same seeded init for random weights)."""
+def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None):
+    """Rebuild a store's teacher from its :class:`TeacherSpec` (same seeded init for random weights), in
+    ``precision`` or else the one the store recorded (fp32 when it recorded none)."""
     from morphcache.extract.teachers import load_teacher_from_spec
 
-    return load_teacher_from_spec(spec, device=device, precision=precision)
+    return load_teacher_from_spec(spec, device=device, precision=precision or spec.precision or "fp32")
 
 
 def make_renderer(teacher_spec, augment, batch_size: int, workers: int):
@@ -140,8 +141,8 @@ class ChunkExtractor:
         from morphcache.extract.views import ViewSampler
 
         spec = store.spec
-        if spec.teacher != self.teacher.spec:
-            diff = sorted(k for k, v in spec.teacher.model_dump().items() if getattr(self.teacher.spec, k) != v)
+        diff = spec.teacher.differences(self.teacher.spec)
+        if diff:
             raise ConfigError(f"{store.path}: the loaded teacher differs from the store's ({', '.join(diff)})")
         images = store.image_table() if images is None else images
         source = ChunkSource(spec.dataset_root, images, ViewSampler(spec.augment, spec.seed),

@@ -101,7 +101,7 @@ def render_views(encoded: list[bytes], params: np.ndarray, size: int, mean, std,
 
 
 def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int = 0, batch_size: int = 16,
-                 device: str = "cpu", precision: str = "fp32") -> ReplayReport:
+                 device: str = "cpu", precision: str | None = None) -> ReplayReport:
     """Re-render ``rows`` stored views, re-run the store's teacher and compare tokens with the cache."""
     from morphcache.extract.pipeline import teacher_from_spec
     from morphcache.store.feature_store import FeatureStore

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None)
 
 #: Column order of the ``views`` array (one float32 row per view).
 VIEW_FIELDS: tuple[str, ...] = (
@@ -58,6 +58,26 @@ class TeacherSpec(_Model):
     pooled_dim: int = Field(gt=0, description="width of the pooled / CLS embedding")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        default=None, description="precision the teacher ran in (replays and online teachers reuse it); None: "
+                                  "not recorded (schema-1 stores)")
+
+    def identity(self) -> dict:
+        """The fields that determine the tokens. The weight path counts only when the weights' sha256 is unknown:
+        the same weights may live at another path on another machine (a preempted extraction resuming elsewhere)."""
+        out = self.model_dump(mode="json")
+        if out.get("weights_sha256"):
+            out.pop("pretrained", None)
+        return out
+
+    def differences(self, other: "TeacherSpec") -> list[str]:
+        """Names of identity fields that differ from ``other``'s, e.g. ``['precision']`` (an unrecorded
+        precision matches any)."""
+        a, b = self.identity(), other.identity()
+        if a.get("precision") is None or b.get("precision") is None:
+            a.pop("precision", None)
+            b.pop("precision", None)
+        return _diff(a, b)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -201,17 +221,17 @@ class StoreSpec(_Model):
         return "absmax-per-token" if self.dtype == "int8" else "none"
 
     def identity(self) -> dict:
-        """The fields that determine array content: not the creation time or package version, and not the
-        teacher's weight path when the sha256 of its weights is known (the same weights may live at another path
-        on another machine, e.g. when a preempted extraction resumes elsewhere)."""
+        """The fields that determine array content: not the creation time or package version, and the teacher
+        by :meth:`TeacherSpec.identity`."""
         out = self.model_dump(mode="json", exclude={"created", "package_version"})
-        if out["teacher"].get("weights_sha256"):
-            out["teacher"].pop("pretrained", None)
+        out["teacher"] = self.teacher.identity()
         return out
 
     def diff(self, other: "StoreSpec") -> list[str]:
-        """Dotted names of identity fields that differ, e.g. ``['teacher.image_size', 'seed']``."""
-        return _diff(self.identity(), other.identity())
+        """Dotted names of identity fields that differ, e.g. ``['seed', 'teacher.image_size']``."""
+        a, b = self.identity(), other.identity()
+        a.pop("teacher"), b.pop("teacher")
+        return sorted(_diff(a, b) + [f"teacher.{d}" for d in self.teacher.differences(other.teacher)])
 
 
 class RunConfig(_Model):

@@ -63,3 +63,16 @@ def load_versioned(model: type[M], data: dict[str, Any], source: str = "document
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise StoreError(f"{source}: invalid {model.__name__}: {loc}: {first['msg']}") from None
+
+
+# ------------------------------------------------------------------------------------------ registered migrations
+@register_migration("StoreSpec", 1)
+def _store_spec_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 adds ``teacher.precision``; schema-1 stores did not record it, so it stays None (unknown)."""
+    return doc
+
+
+@register_migration("RunConfig", 1)
+def _run_config_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig is unchanged in schema 2."""
+    return doc

@@ -77,9 +77,7 @@ def check_store_complete(store, allow_partial: bool) -> None:
 
 def check_online_teacher(spec: StoreSpec, teacher_spec) -> None:
     """The live teacher must be the one the store was made with (same architecture, weights, size, width)."""
-    stored = spec.teacher.model_dump(mode="json")
-    live = teacher_spec.model_dump(mode="json")
-    diff = [k for k in sorted(stored) if stored[k] != live.get(k)]
+    diff = spec.teacher.differences(teacher_spec)
     if diff:
         raise ConfigError(f"--teacher-online: the loaded teacher differs from the store's teacher in "
                           f"{', '.join('teacher.' + d for d in diff)}; check the weights path in the store spec")

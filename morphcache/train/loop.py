@@ -173,7 +173,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     if config.teacher_online:
         from morphcache.train.online_teacher import OnlineTeacher
 
-        teacher = OnlineTeacher(spec, device, precision=config.precision)
+        # the precision the store's targets were made in (schema-1 stores did not record it: the run's)
+        teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision)
     render = RenderSpec(side, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
                         teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut")
     loader = make_loader(config.loader, store, sampler, render, start_step=step * config.accum_steps,

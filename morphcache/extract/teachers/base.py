@@ -70,11 +70,11 @@ class Teacher:
 
     def __init__(self, spec: TeacherSpec, model: torch.nn.Module, device: str | torch.device = "cpu",
                  precision: Precision = "fp32") -> None:
-        self.spec = spec
-        self.model = freeze(model)
         self.device = torch.device(device)
         check_precision(precision, self.device)
         self.precision: Precision = precision
+        self.spec = spec.model_copy(update={"precision": precision})  # recorded in the stores it writes
+        self.model = freeze(model)
         self.model.to(self.device)
 
     def __repr__(self) -> str:
