@@ -71,7 +71,8 @@ def format_info(info: dict) -> str:
     lines = [
         f"store       {info['path']} (schema v{info['schema_version']}, morphcache {s.get('package_version') or '?'}, created {s.get('created')})",
         f"teacher     {t['kind']}:{t['name']} pretrained={t.get('pretrained')} {t['image_size']}px patch {t['patch_size']}"
-        f" projected={t.get('projected')}",
+        f" projected={t.get('projected')} precision={t.get('precision') or 'unrecorded'}"
+        f" sha256={(t.get('weights_sha256') or 'none')[:12]}",
         f"rows        {sh['rows']} = {sh['images']} images x {sh['views_per_image']} views; tokens {sh['tokens']}"
         f" ({sh['grid'][0]}x{sh['grid'][1]}) x {sh['dim']}; pooled {sh['pooled_dim']}",
         f"storage     {st['dtype']} ({st['quantization']}), compression {st['compression']},"
