@@ -288,3 +288,27 @@ def test_online_teacher_reproduces_the_stored_targets(store):
     other = store.spec.model_copy(update={"teacher": t.model_copy(update={"weights_sha256": "0" * 64})})
     with pytest.raises(ConfigError, match="sha256|weights"):
         OnlineTeacher(other)
+
+
+def test_moved_teacher_weights_are_found_by_hash(tmp_path, capsys):
+    """Replays and the online teacher load the store's teacher from its recorded path; --teacher-weights points
+    them at the same weights elsewhere (checked by sha256), and other weights are refused."""
+    import shutil
+
+    from morphcache.cli import main
+    from morphcache.extract.replay import replay_check
+    from morphcache.train.online_teacher import OnlineTeacher
+
+    store = build_teacher_store(tmp_path, n_images=4, views=2, chunk_images=2)
+    recorded = Path(store.spec.teacher.pretrained)
+    moved = tmp_path / "elsewhere" / "teacher.pth"
+    moved.parent.mkdir()
+    shutil.move(recorded, moved)
+    assert main(["store", "replay-check", str(store.path), "--rows", "4"]) == 2  # recorded path is gone
+    assert "pass --teacher-weights" in capsys.readouterr().err
+    assert replay_check(store.path, rows=4, weights=str(moved)).passed
+    assert main(["store", "replay-check", str(store.path), "--rows", "4", "--teacher-weights", str(moved)]) == 0
+    assert OnlineTeacher(store.spec, weights=str(moved)).size == TEACHER_SIZE
+    other = teacher_weights(tmp_path / "other.pth", seed=1)
+    with pytest.raises(ConfigError, match="sha256"):
+        OnlineTeacher(store.spec, weights=other)

@@ -68,13 +68,15 @@ def replay_check_command(
     batch_size: Annotated[int, typer.Option(help="render / teacher batch")] = 16,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     precision: Annotated[str | None, typer.Option(help="teacher precision for the replay (default: the store's)")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="where the store's teacher weights live now (default: the "
+                                                         "recorded path; checked against the recorded sha256)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
 ) -> int:
     """Re-render stored views, re-run the teacher, report per-token cosine against the cache (exit 1 below goal)."""
     from morphcache.extract.replay import replay_check
 
     report = replay_check(store, rows=rows, renderer=renderer, seed=seed, batch_size=batch_size, device=device,
-                          precision=precision)
+                          precision=precision, weights=str(teacher_weights) if teacher_weights else None)
     typer.echo(report.line())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,11 +96,21 @@ def build_teacher(teacher: str, image_size: int | None = None, projected: bool =
     return load_teacher(**kwargs, image_size=image_size, projected=projected, device=device, precision=precision)
 
 
-def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None):
+def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None, weights: str | None = None):
     """Rebuild a store's teacher from its :class:`TeacherSpec` (same seeded init for random weights), in
-    ``precision`` or else the one the store recorded (fp32 when it recorded none)."""
+    ``precision`` or else the one the store recorded (fp32 when it recorded none). ``weights``: where the
+    recorded weights file lives now (checked against the recorded sha256)."""
     from morphcache.extract.teachers import load_teacher_from_spec
 
+    if weights is not None:
+        if not spec.weights_sha256:
+            raise ConfigError(f"--teacher-weights {weights}: the store's teacher recorded no weights hash "
+                              f"({spec.kind}:{spec.name}, pretrained={spec.pretrained}), so other weights cannot be "
+                              "checked; drop --teacher-weights")
+        spec = spec.model_copy(update={"pretrained": str(weights)})
+    elif spec.kind in ("timm", "open_clip") and spec.weights_sha256 and spec.pretrained and not os.path.exists(spec.pretrained):
+        raise ConfigError(f"{spec.pretrained}: the store's teacher weights are no longer at their recorded path; pass "
+                          "--teacher-weights PATH (checked against the recorded sha256)")
     return load_teacher_from_spec(spec, device=device, precision=precision or spec.precision or "fp32")
 
 

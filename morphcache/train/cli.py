@@ -52,6 +52,7 @@ def train_command(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="student input side; default grid x patch")] = None,
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="where the store's images live now (default: as recorded)")] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="--teacher-online: where the store's teacher weights live now (default: as recorded; checked against the recorded sha256)")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard")] = True,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
 ) -> int:
@@ -88,7 +89,8 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     summary = run_training(config, out, resume=resume, img_size=img_size,
-                           image_root=str(image_root) if image_root else None, tensorboard=tensorboard)
+                           image_root=str(image_root) if image_root else None, tensorboard=tensorboard,
+                           teacher_weights=str(teacher_weights) if teacher_weights else None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         typer.echo(json.dumps({k: summary[k] for k in ("steps", "final_step", "images", "wall_seconds",
                                                        "images_per_s", "final_loss")}))

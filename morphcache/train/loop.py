@@ -107,7 +107,8 @@ def _mean_metrics(items: list[dict]) -> dict:
 
 
 def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, img_size: int | None = None,
-                 image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True) -> dict:
+                 image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
+                 teacher_weights: str | None = None) -> dict:
     """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``)."""
     from morphcache.progress import progress_bar
     from morphcache.store.feature_store import FeatureStore
@@ -174,7 +175,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
         from morphcache.train.online_teacher import OnlineTeacher
 
         # the precision the store's targets were made in (schema-1 stores did not record it: the run's)
-        teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision)
+        teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision,
+                                weights=teacher_weights)
     render = RenderSpec(side, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
                         teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut")
     loader = make_loader(config.loader, store, sampler, render, start_step=step * config.accum_steps,

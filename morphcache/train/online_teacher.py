@@ -21,10 +21,11 @@ from morphcache.train.loader import Batch
 class OnlineTeacher:
     """The store's teacher, live. ``size`` is its input side; :meth:`fill_targets` computes ``Batch.targets``."""
 
-    def __init__(self, store_spec, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, store_spec, device: str | torch.device = "cpu", precision: str = "fp32",
+                 weights: str | None = None) -> None:
         from morphcache.extract.pipeline import teacher_from_spec
 
-        self.teacher = teacher_from_spec(store_spec.teacher, device=str(device), precision=precision)
+        self.teacher = teacher_from_spec(store_spec.teacher, device=str(device), precision=precision, weights=weights)
         check_online_teacher(store_spec, self.teacher.spec)
         self.size = int(store_spec.teacher.image_size)
         self.mean = tuple(store_spec.teacher.mean)
