@@ -291,8 +291,10 @@ def test_features_resize_and_normalize():
 
 
 # ------------------------------------------------------------------------------------------- fine-tune
-def test_finetune_steps_change_weights_and_leave_original_alone():
-    bb = load_backbone(f"random:{TINY}", img_size=32, pooling="mean")
+@pytest.mark.parametrize("spec", [f"random:{TINY}", f"teacher:timm:{TINY}"])
+def test_finetune_steps_change_weights_and_leave_original_alone(spec):
+    """Also for a teacher, whose module is frozen for feature extraction: the fine-tuned copy trains."""
+    bb = load_backbone(spec, img_size=32, pooling="mean")
     before = {k: v.clone() for k, v in bb.module.state_dict().items()}
     data = load_dataset("digits?train=40&test=20")
     cfg = FinetuneConfig(batch_size=8, max_steps=2, lr=1e-3, warmup_fraction=0.0)
