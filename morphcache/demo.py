@@ -78,7 +78,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_images = n_images or (48 if fast else 2000)
-    epochs = epochs or (1 if fast else 6)
+    epochs = epochs or (1 if fast else 10)
     eval_train = eval_train or (60 if fast else 2000)
     eval_test = eval_test or (40 if fast else 1000)
     log: list[dict] = []
@@ -100,10 +100,10 @@ def run_demo(
                            "--json", str(out / "replay_check.json")])  # the store recorded bf16
     stage("show", ["store", "show", str(store), "--rows", "8", "--out", str(out / "store_show.png")])
 
-    batch = 16 if fast else 64
+    batch = 16 if fast else 32  # more steps per image seen: at this budget steps matter more than batch
     train_args = [
         "--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
-        "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", "2" if fast else "10",
+        "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", "2" if fast else "20",
         "--base-lr", "1.5e-3" if fast else "6e-3", "--workers", "1", "--no-tensorboard",
     ]
     runs = {}

@@ -60,3 +60,21 @@ def test_dask_task_skips_done_chunks(tmp_path):
                                            "projected": False, "device": "cpu", "precision": "fp32"}, 4, 1, "skip")
     assert res == {"chunks": [], "views": 0, "bad": []}
     assert arrays(out) == before and FeatureStore.open(out).is_complete()
+
+
+def test_worker_state_is_released_after_a_job(tmp_path):
+    """A worker caches its teacher and DALI pipeline across tasks; the driver releases them when the job ends."""
+    from morphcache.extract import distributed
+    from morphcache.store.feature_store import FeatureStore
+
+    data = write_images(tmp_path / "imgs", 4)
+    out = tmp_path / "s"
+    assert main(["extract", "--data", str(data), "--out", str(out), *ARGS, "--shard", "1/2"]) == 0  # half the chunks
+    missing = FeatureStore.open(out).missing_chunks()
+    distributed.release_worker_state()
+    teacher = {"teacher": "timm:vit_tiny_patch16_224", "image_size": 32, "projected": False, "device": "cpu",
+               "precision": "fp32"}
+    res = distributed.extract_chunk_task(str(out), missing[0], teacher, 4, 1, "skip")
+    assert res["chunks"] == [missing[0]] and distributed._WORKER_EXTRACTORS and distributed._WORKER_TABLES
+    assert distributed.release_worker_state() == 1
+    assert not distributed._WORKER_EXTRACTORS and not distributed._WORKER_TABLES

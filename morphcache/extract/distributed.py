@@ -61,6 +61,20 @@ def _extractor(teacher_args: dict, batch_size: int, workers: int):
     return ex
 
 
+def release_worker_state() -> int:
+    """Drop this worker process's cached teachers, DALI pipelines and image tables (run on every worker when a
+    job ends: a long-lived remote worker should not keep our teacher in its memory, and a worker holding DALI's
+    threads is slow to exit). Returns how many extractors were dropped."""
+    import gc
+
+    with _WORKER_LOCK:
+        n = len(_WORKER_EXTRACTORS)
+        _WORKER_EXTRACTORS.clear()
+        _WORKER_TABLES.clear()
+    gc.collect()
+    return n
+
+
 def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_size: int, workers: int,
                        on_bad_image: str, threads: int | None = None) -> dict:
     """One dask task: extract ``chunk`` of the store unless it is already done. Returns RunStats as a dict.
@@ -136,6 +150,10 @@ def run_dask(store, chunks, opts):
                 client.cancel(futures)
                 raise
     finally:
+        try:
+            client.run(release_worker_state)
+        except Exception:  # noqa: BLE001 - best effort: a worker that died has nothing left to release
+            pass
         client.close()
         if cluster is not None:
             cluster.close()
