@@ -35,8 +35,8 @@ class ShardFileIO:
             raise StoreError(f"{path}: shard index checksum mismatch, the store is damaged; run `morphcache store verify`")
         return np.frombuffer(raw[:nbytes], dtype="<u8").reshape(self.n_inner, 2)
 
-    def _read_shard(self, fd: int, index: np.ndarray, local: np.ndarray, out: np.ndarray, dest: np.ndarray,
-                    s: int) -> None:
+    def _read_shard(self, fd: int, index: np.ndarray, local: np.ndarray, out: np.ndarray, s: int) -> None:
+        """Rows ``local`` (sorted, unique positions within shard ``s``) -> ``out`` (len(local), *row_shape)."""
         I, nb = self.inner_rows, self.inner_nbytes
         ids = local // I
         uniq = np.unique(ids)
@@ -53,20 +53,15 @@ class ShardFileIO:
         his = np.searchsorted(ids, uniq[ends - 1], "right").tolist()
         for a, b, lo, hi in zip(starts.tolist(), ends.tolist(), los, his):
             if empty[a]:
-                out[dest[lo:hi]] = self.fill
+                out[lo:hi] = self.fill
                 continue
             total = int(off[b - 1] + ln[b - 1] - off[a])
             n = b - a
             if not self.blosc and hi - lo == n * I and total == n * nb:
-                # The wanted rows are exactly this run: read the bytes straight into their destinations.
-                d0 = int(dest[lo])
-                if hi - lo == 1 or np.all(np.diff(dest[lo:hi]) == 1):
-                    pieces = [(out[d0:d0 + hi - lo], int(off[a]))]
-                else:
-                    pieces = [(out[d:d + 1], int(off[a]) + k * nb // I) for k, d in enumerate(dest[lo:hi].tolist())]
-                for target, offset in pieces:
-                    if os.preadv(fd, [memoryview(target).cast("B")], offset) != target.nbytes:
-                        raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
+                # The wanted rows are exactly this run: read the bytes straight into their place.
+                target = out[lo:hi]
+                if os.preadv(fd, [memoryview(target).cast("B")], int(off[a])) != target.nbytes:
+                    raise StoreError(f"{self.shard_file(s)}: shard file is truncated; run `morphcache store verify`")
                 continue
             buf = os.pread(fd, total, int(off[a]))
             if len(buf) != total:
@@ -91,4 +86,4 @@ class ShardFileIO:
                     raw = raw[rel[:, None] + np.arange(nb)[None, :]]
                 block = raw.view(self.dtype).reshape((n * I,) + self.row_shape)
             which = np.searchsorted(uniq[a:b], ids[lo:hi]) * I + local[lo:hi] % I
-            out[dest[lo:hi]] = block[which]
+            out[lo:hi] = block[which]

@@ -203,14 +203,12 @@ class ShardRowReader(ShardFileIO):
                 self._evict_locked()
 
     def read(self, rows: np.ndarray, cacheable: Callable[[int], bool] = lambda s: False,
-             dest: np.ndarray | None = None, n_out: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``rows`` (sorted ascending, unique int64) -> array (n_out, *row_shape) of the stored dtype with
-        row ``rows[k]`` at ``out[dest[k]]`` (default: ``dest = arange``, ``n_out = len(rows)``); bytes are read
-        straight into their destination (``out`` when given)."""
-        out = self.output(rows.size if n_out is None else n_out, out)
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (B,) sorted ascending, unique int64 -> ``out`` (B, *row_shape) of the stored dtype; bytes
+        are read straight into their place (contiguous reads and the fallback of :meth:`gather`)."""
+        out = self.output(rows.size, out)
         if rows.size == 0:
             return out
-        dest = np.arange(rows.size) if dest is None else np.asarray(dest, dtype=np.int64)
         S = self.shard_rows
         shard_ids = rows // S
         starts = np.concatenate([[0], np.flatnonzero(np.diff(shard_ids)) + 1, [rows.size]])
@@ -218,14 +216,14 @@ class ShardRowReader(ShardFileIO):
         with self._lock:
             self._active += 1
         try:
-            self._read_groups_maybe_parallel(groups, rows, shard_ids, dest, out, cacheable)
+            self._read_groups_maybe_parallel(groups, rows, shard_ids, out, cacheable)
         finally:
             with self._lock:
                 self._active -= 1
                 self._evict_locked()
         return out
 
-    def _read_groups_maybe_parallel(self, groups, rows, shard_ids, dest, out, cacheable) -> None:
+    def _read_groups_maybe_parallel(self, groups, rows, shard_ids, out, cacheable) -> None:
         S = self.shard_rows
 
         def read_groups(part: list[tuple[int, int]]) -> None:
@@ -233,19 +231,19 @@ class ShardRowReader(ShardFileIO):
                 s = int(shard_ids[g0])
                 mapped = self._dense.get(s)  # fast path: an already mapped complete shard, no fd or lock needed
                 if mapped is not None:
-                    out[dest[g0:g1]] = mapped[rows[g0:g1] - s * S]
+                    out[g0:g1] = mapped[rows[g0:g1] - s * S]
                     continue
                 got = self._shard(s, cacheable(s))
                 if got is None:
-                    out[dest[g0:g1]] = self.fill
+                    out[g0:g1] = self.fill
                     continue
                 fd, index, close = got
                 try:
                     dense = None if close else self._dense_view(s, fd, index)
                     if dense is not None:
-                        out[dest[g0:g1]] = dense[rows[g0:g1] - s * S]
+                        out[g0:g1] = dense[rows[g0:g1] - s * S]
                     else:
-                        self._read_shard(fd, index, rows[g0:g1] - s * S, out, dest[g0:g1], s)
+                        self._read_shard(fd, index, rows[g0:g1] - s * S, out[g0:g1], s)
                 finally:
                     if close:
                         os.close(fd)
