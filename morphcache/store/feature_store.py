@@ -43,7 +43,7 @@ import numpy as np
 from morphcache import __version__
 from morphcache.errors import SpecMismatchError, StoreError
 from morphcache.schemas import N_VIEW_PARAMS, StoreSpec, load_versioned
-from morphcache.store.quantize import dequantize, dequantize_torch
+from morphcache.store.quantize import dequantize, dequantize_to
 from morphcache.store.layout import COMPRESSIONS, check_arrays, create_arrays
 from morphcache.store.shard_reader import ShardRowReader
 
@@ -289,17 +289,7 @@ class FeatureStore:
 
     def read_tokens(self, rows, device: str | None = None) -> "torch.Tensor":
         """Dequantized tokens (B, T, D) float32 torch tensor; dequantization runs on ``device`` when given."""
-        import torch
-
-        if device is None or str(device) == "cpu":
-            return torch.from_numpy(self.read_tokens_numpy(rows))
-        q, scales = self.read_raw(rows)
-        q = torch.from_numpy(q)
-        scales = torch.from_numpy(scales) if scales is not None else None
-        if device is not None:
-            q = q.to(device, non_blocking=True)
-            scales = scales.to(device, non_blocking=True) if scales is not None else None
-        return dequantize_torch(q, scales)
+        return dequantize_to(*self.read_raw(rows), device)
 
     def read_raw(self, rows, out: tuple[np.ndarray, np.ndarray | None] | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None]:

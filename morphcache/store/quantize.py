@@ -51,6 +51,18 @@ def dequantize(q: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     return np.multiply(q, np.asarray(scales, dtype=np.float32)[..., None], dtype=np.float32)
 
 
+def dequantize_to(q: np.ndarray, scales: np.ndarray | None, device=None):
+    """Stored tokens -> (..., T, D) float32 torch tensor on ``device``: one numpy pass on the CPU (``None`` or
+    ``"cpu"``), else an asynchronous copy (from pinned memory when ``q`` is) and dequantization on the device."""
+    import torch
+
+    if device is None or str(device) == "cpu":
+        return torch.from_numpy(dequantize(q, scales))
+    q_dev = torch.from_numpy(q).to(device, non_blocking=True)
+    s_dev = torch.from_numpy(scales).to(device, non_blocking=True) if scales is not None else None
+    return dequantize_torch(q_dev, s_dev)
+
+
 def dequantize_torch(q, scales):
     """Torch version of :func:`dequantize` (works on any device); q (..., T, D), scales (..., T) or None."""
     import torch

@@ -64,20 +64,16 @@ class TargetPrefetcher:
         """Targets (B, T, D) float32 of ``rows`` (B,) in that order (runs on the prefetch thread)."""
         import torch
 
-        from morphcache.store.quantize import dequantize, dequantize_torch
+        from morphcache.store.quantize import dequantize_to
 
         rows = np.asarray(rows, dtype=np.int64)
         if self._copied is not None:
             self._copied.synchronize()
-        q, s = self.store.read_raw(rows, out=self._staging(rows.size))
-        if self.device is None:
-            return torch.from_numpy(dequantize(q, s))
-        q_dev = torch.from_numpy(q).to(self.device, non_blocking=True)
-        s_dev = torch.from_numpy(s).to(self.device, non_blocking=True) if s is not None else None
-        if str(self.device).startswith("cuda"):
+        targets = dequantize_to(*self.store.read_raw(rows, out=self._staging(rows.size)), self.device)
+        if str(self.device).startswith("cuda"):  # the copies out of the staging buffers are queued before this
             self._copied = torch.cuda.Event()
             self._copied.record()
-        return dequantize_torch(q_dev, s_dev)
+        return targets
 
     def _submit(self, step: int) -> None:
         self._pending[step] = self._pool.submit(self.read, self.sampler.batch_rows(step))
