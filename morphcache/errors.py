@@ -61,3 +61,12 @@ def error_from_worker(exc: BaseException) -> MorphcacheError | None:
     kind = globals().get(name)
     kind = kind if isinstance(kind, type) and issubclass(kind, MorphcacheError) else MorphcacheError
     return kind(message)
+
+
+def reraise_from_worker(exc: BaseException):
+    """Raise the one-line :class:`MorphcacheError` that ``exc`` carries from a worker process (see
+    :func:`error_from_worker`), or ``exc`` itself; the loaders call it on whatever their workers raise."""
+    err = error_from_worker(exc)
+    if err is None:
+        raise exc
+    raise err from None

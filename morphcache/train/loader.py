@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from morphcache.errors import error_from_worker
+from morphcache.errors import reraise_from_worker
 from morphcache.train.sampler import EpochSampler
 from morphcache.train.targets import TargetPrefetcher
 
@@ -151,10 +151,7 @@ class DaliTrainLoader:
             try:
                 outs = self._pipe.run()
             except Exception as exc:  # a worker's MorphcacheError arrives as a bare Exception with its traceback
-                err = error_from_worker(exc)
-                if err is None:
-                    raise
-                raise err from None
+                reraise_from_worker(exc)
             yield self._batch(step, outs)
             step += 1
 

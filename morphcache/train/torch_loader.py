@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from morphcache.errors import error_from_worker
+from morphcache.errors import reraise_from_worker
 from morphcache.train.loader import Batch, RenderSpec, ViewSource
 from morphcache.train.sampler import EpochSampler
 from morphcache.train.targets import TargetPrefetcher
@@ -92,10 +92,7 @@ class TorchTrainLoader:
             except StopIteration:
                 return
             except Exception as exc:  # a worker's MorphcacheError comes back wrapped with its traceback
-                err = error_from_worker(exc)
-                if err is None:
-                    raise
-                raise err from None
+                reraise_from_worker(exc)
             rows = item["rows"].reshape(-1).long()
             batch = Batch(images=item["images"], targets=None, rows=rows,
                           images2=item.get("images2"), teacher_images=item.get("teacher_images"))
