@@ -183,7 +183,7 @@ def bench_store(root: Path, teacher, tok, pooled, views: int, dtype: str, compre
     from morphcache.train.targets import TargetPrefetcher
 
     sampler = EpochSampler(ro.ok_rows(), 2, batch_size=256, seed=0)
-    prefetcher = TargetPrefetcher(ro, sampler, 0)
+    prefetcher = TargetPrefetcher(ro, sampler)
     steps = range(sampler.steps_per_epoch)
     t_deq, _ = vs_raw(lambda: [prefetcher.read(sampler.batch_rows(g)) for g in steps], min(reps, 3))
     prefetcher.close()

@@ -168,7 +168,7 @@ def test_target_prefetcher_reads_batches_in_order_through_one_staging_buffer(tmp
     make_store(tmp_path / "s", n_images=24, views=2, dtype=dtype, chunk_images=4, T=16, D=32)
     store = FeatureStore.open(tmp_path / "s")
     sampler = EpochSampler(store.ok_rows(), 2, batch_size=5, seed=3)
-    pre = TargetPrefetcher(store, sampler, start_step=2, depth=2)
+    pre = TargetPrefetcher(store, sampler, depth=2)
     try:
         got = [pre.get(g, sampler.batch_rows(g)) for g in range(2, 9)]  # crosses into epoch 1
         staging = pre._stage[0].data_ptr()

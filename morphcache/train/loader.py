@@ -141,7 +141,7 @@ class DaliTrainLoader:
         self.store, self.sampler, self.render = store, sampler, render
         self.start_step = int(start_step)
         self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step)
-        self.targets = TargetPrefetcher(store, sampler, start_step, prefetch) if read_targets else None
+        self.targets = TargetPrefetcher(store, sampler, prefetch) if read_targets else None
         self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, workers), threads,
                                      prefetch, start_method)
 

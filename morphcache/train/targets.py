@@ -31,15 +31,15 @@ class TargetPrefetcher:
     """Dequantized targets (B, T, D) float32 of micro-batches, read ``depth`` steps ahead on one thread.
 
     Args:
-        store: an open ``FeatureStore``; sampler: the run's :class:`EpochSampler`; start_step: first micro-batch.
+        store: an open ``FeatureStore``; sampler: the run's :class:`EpochSampler` (which micro-batch ``get`` asks
+            for decides what is read).
         depth: micro-batches read ahead of the current one; device: where targets are dequantized and returned
             (None: CPU).
     """
 
-    def __init__(self, store, sampler: EpochSampler, start_step: int, depth: int = 2, device: str | None = None):
+    def __init__(self, store, sampler: EpochSampler, depth: int = 2, device: str | None = None):
         self.store, self.sampler = store, sampler
         self.device = None if device in (None, "cpu") else device
-        self.next_step = int(start_step)
         self.depth = max(1, int(depth))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="targets")
         self._pending: dict[int, Future] = {}

@@ -81,7 +81,7 @@ class TorchTrainLoader:
             _ViewDataset(source, render), batch_sampler=_StepBatches(start_step, sampler.batch_size),
             num_workers=workers, **kwargs,
         )
-        self.targets = TargetPrefetcher(store, sampler, start_step, prefetch) if read_targets else None
+        self.targets = TargetPrefetcher(store, sampler, prefetch) if read_targets else None
 
     def __iter__(self) -> Iterator[Batch]:
         step = self.start_step
