@@ -127,6 +127,7 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(MorphcacheError, match="test/ nor val/"):
         load_dataset(f"folder:{tmp_path}")
     (tmp_path / "test" / "zebra").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "zebra" / "z.png")
     with pytest.raises(MorphcacheError, match="zebra"):
         load_dataset(f"folder:{tmp_path}")
 

@@ -2,97 +2,22 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from _image_files import EXPECTED, write_image_zoo
 from morphcache.cli import main
-from morphcache.store.image_table import (
-    STATUS_CORRUPT,
-    STATUS_EMPTY,
-    STATUS_NOT_IMAGE,
-    STATUS_OK,
-    STATUS_TRUNCATED,
-)
+from morphcache.store.image_table import STATUS_CORRUPT, STATUS_OK
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "2", "--dtype", "float16", "--seed", "11"]
 
 
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def solid_png(width: int, height: int, value: int = 90) -> bytes:
-    """A grayscale 8-bit PNG of one value, built directly (10000 x 10000 compresses to about 100 KB)."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    row = b"\x00" + bytes([value]) * width
-    comp = zlib.compressobj(9)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def picture(seed: int, h: int = 40, w: int = 52) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 5) % 256, (yy * 7) % 256, ((xx + yy) * 3) % 256], -1)
-    return Image.fromarray(np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8))
-
-
-#: file name -> expected status
-EXPECTED = {
-    "a_good.png": STATUS_OK,
-    "b_corrupt.png": STATUS_CORRUPT,
-    "c_cmyk.jpg": STATUS_OK,
-    "d_gray.png": STATUS_OK,
-    "e_empty.png": STATUS_EMPTY,
-    "f_rgba.png": STATUS_OK,
-    "g_palette.png": STATUS_OK,
-    "h_truncated.jpg": STATUS_TRUNCATED,
-    "i_sixteen_bit.png": STATUS_OK,
-    "j_notes.jpg": STATUS_NOT_IMAGE,
-    "k_tiny.png": STATUS_OK,
-    "l_huge.png": STATUS_OK,
-    "m_truncated.png": STATUS_TRUNCATED,
-    "n_good.jpg": STATUS_OK,
-}
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("zoo")
-    pic = picture(0)
-    png, jpg = encode(pic, "PNG"), encode(picture(1), "JPEG", quality=90)
-    sixteen = (np.arange(40 * 52).reshape(40, 52) * 31 % 65536).astype(np.uint16)
-    files = {
-        "a_good.png": png,
-        "b_corrupt.png": png[:33] + bytes(np.random.default_rng(3).integers(0, 256, 400, dtype=np.uint8)),
-        "c_cmyk.jpg": encode(picture(2).convert("CMYK"), "JPEG"),
-        "d_gray.png": encode(picture(3).convert("L"), "PNG"),
-        "e_empty.png": b"",
-        "f_rgba.png": encode(picture(4).convert("RGBA"), "PNG"),
-        "g_palette.png": encode(picture(5).convert("P"), "PNG"),
-        "h_truncated.jpg": jpg[: len(jpg) // 2],
-        "i_sixteen_bit.png": encode(Image.fromarray(sixteen), "PNG"),
-        "j_notes.jpg": b"these are notes, not a picture\n",
-        "k_tiny.png": encode(picture(6, 3, 2), "PNG"),  # smaller than the 32 px output
-        "l_huge.png": solid_png(10000, 10000),
-        "m_truncated.png": png[: len(png) // 2],
-        "n_good.jpg": jpg,
-    }
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-    return d
+    return write_image_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="module")

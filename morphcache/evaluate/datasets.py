@@ -5,8 +5,11 @@ SPEC forms (optional query ``?train=N&test=M&seed=S`` subsamples each split, str
 - ``fashion-mnist[:DIR]``: idx files (``.gz`` or plain), default DIR ``/usr/share/datasets/fashion-mnist``;
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 75/25 split (seed 0);
 - ``cifar10:DIR`` / ``cifar100:DIR``: the python-pickle batches (``cifar-10-batches-py`` / ``cifar-100-python``);
-- ``folder:DIR``: ``DIR/train/<class>/*`` plus ``DIR/test`` (or ``DIR/val``), decoded with PIL, shorter side
-  resized to ``image_size`` then centre-cropped (so every image has the same shape).
+- ``folder:DIR``: ``DIR/train/<class>/*`` plus ``DIR/test`` (or ``DIR/val``), listed by the one folder rule of
+  extraction (:func:`morphcache.extract.folders.walk_image_folder`: hidden and non-image files left out) and
+  decoded by extraction's canonical decoder (:func:`morphcache.extract.images.load_canonical_bytes`, EXIF
+  orientation applied), shorter side resized to ``image_size`` then centre-cropped (so every image has the same
+  shape). Files that do not decode are skipped with their reason (``DatasetSplits.skipped``).
 
 Grayscale sources are expanded to three channels; resizing to a model's input happens in
 :mod:`morphcache.evaluate.features`.
@@ -28,7 +31,6 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 _QUERY_KEYS = {"train", "test", "seed"}
 
 
@@ -42,6 +44,17 @@ class DatasetSplits:
     test_labels: np.ndarray
     classes: tuple[str, ...]
     name: str
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of files a folder: dataset left out
+
+    def skipped_line(self) -> str | None:
+        """One line naming the first skipped files and their reasons, or None when nothing was skipped."""
+        if not self.skipped:
+            return None
+        from morphcache.store.image_table import path_to_text
+
+        first = "; ".join(f"{path_to_text(p)}: {r}" for p, r in self.skipped[:3])
+        more = f" (and {len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
+        return f"{self.name}: skipped {len(self.skipped)} file(s): {first}{more}"
 
     @property
     def n_classes(self) -> int:
@@ -187,56 +200,70 @@ def _load_cifar(root: Path, hundred: bool):
     return splits[0], splits[1], classes
 
 
-def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
-    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    if classes is None:
-        classes = found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
+def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], np.ndarray, list[str], list]:
+    """The split's images, labels and classes under the one folder rule
+    (:func:`morphcache.extract.folders.walk_image_folder`), and its skipped ``(path, reason)`` entries."""
+    from morphcache.extract.folders import holds_images_directly, walk_image_folder
+
+    if classes is None and holds_images_directly(split_dir):
+        raise MorphcacheError(f"{split_dir} holds images directly; folder:DIR needs class sub-folders "
+                              f"({split_dir}/<class>/*.jpg)")
+    listing = walk_image_folder(split_dir, classes=classes)
+    if classes is not None and len(listing.classes) > len(classes):
+        unknown = listing.classes[len(classes):]
         raise MorphcacheError(f"{split_dir} has classes missing from train/: {', '.join(unknown[:5])}")
-    paths, labels = [], []
-    for ci, name in enumerate(classes):
-        d = split_dir / name
-        if d.is_dir():
-            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            paths += files
-            labels += [ci] * len(files)
-    if not paths:
+    if not listing.paths:
         raise MorphcacheError(f"{split_dir} holds no images in class subfolders (expected {split_dir}/<class>/*.jpg)")
-    return paths, np.asarray(labels, dtype=np.int64), classes
+    skipped = [(split_dir / p, reason) for p, reason in listing.skipped]
+    return ([split_dir / p for p in listing.paths], np.asarray(listing.labels, dtype=np.int64), listing.classes,
+            skipped)
 
 
 def _decode_square(path: Path, size: int) -> np.ndarray:
-    """Decode with PIL, resize the shorter side to ``size`` (bicubic), centre-crop: uint8 (size, size, 3)."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode with the canonical decoder (:func:`morphcache.extract.images.load_canonical_bytes`: EXIF orientation
+    applied, alpha dropped, 16-bit to 8-bit, as extraction and training see the file), resize the shorter side to
+    ``size`` (bicubic), centre-crop: uint8 (size, size, 3). A bad file raises
+    :class:`~morphcache.errors.BadImageError` (``.reason`` = status code)."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise MorphcacheError(f"cannot decode image {path} ({exc}); remove or replace it") from exc
+    from morphcache.extract.images import decode_rgb, load_canonical_bytes
+
+    im = Image.fromarray(decode_rgb(load_canonical_bytes(path)[0]))
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int | None, seed: int):
+    from morphcache.errors import BadImageError
+    from morphcache.store.image_table import STATUS_REASONS
+
     if not (root / "train").is_dir():
         raise MorphcacheError(f"{root}/train does not exist; folder:DIR needs DIR/train/<class>/ and DIR/test/")
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     if not test_dir.is_dir():
         raise MorphcacheError(f"{root} has neither test/ nor val/; folder:DIR needs a test split")
-    tr_paths, tr_labels, classes = _list_folder(root / "train", None)
-    te_paths, te_labels, _ = _list_folder(test_dir, classes)
+    tr_paths, tr_labels, classes, skipped = _list_folder(root / "train", None)
+    te_paths, te_labels, _, te_skipped = _list_folder(test_dir, classes)
+    skipped += te_skipped
     out = []
     for paths, labels, n, s in ((tr_paths, tr_labels, n_train, seed), (te_paths, te_labels, n_test, seed + 1)):
         keep = stratified_subset(labels, n, s) if n is not None else np.arange(len(labels))
-        images = np.stack([_decode_square(paths[i], image_size) for i in keep])
-        out.append((images, labels[keep]))
-    return out[0], out[1], tuple(classes)
+        images, kept = [], []
+        for i in keep.tolist():
+            try:
+                images.append(_decode_square(paths[i], image_size))
+                kept.append(i)
+            except BadImageError as exc:  # the bad-image policy of evaluation: skip the file, keep its reason
+                skipped.append((paths[i], STATUS_REASONS.get(exc.reason, str(exc))))
+        if not images:
+            raise MorphcacheError(f"{paths[0].parent.parent}: no image could be decoded; first problem: "
+                                  f"{skipped[-1][0]}: {skipped[-1][1]}")
+        out.append((np.stack(images), labels[kept]))
+    return out[0], out[1], tuple(classes), skipped
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str | None, dict[str, int]]:
@@ -269,11 +296,12 @@ def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
     elif kind in ("cifar10", "cifar100"):
         train, test, classes = _load_cifar(Path(arg).expanduser(), hundred=kind == "cifar100")
     elif kind == "folder":
-        train, test, classes = _load_folder(Path(arg).expanduser(), image_size, n_train, n_test, seed)
+        train, test, classes, skipped = _load_folder(Path(arg).expanduser(), image_size, n_train, n_test, seed)
         n_train = n_test = None  # already subsampled before decoding
     else:
         raise MorphcacheError(f"unknown dataset {kind!r} in {spec!r}; use fashion-mnist[:DIR], digits, cifar10:DIR, "
                               "cifar100:DIR or folder:DIR")
+    skipped = skipped if kind == "folder" else []
     (x_tr, y_tr), (x_te, y_te) = train, test
     if n_train is not None:
         keep = stratified_subset(y_tr, n_train, seed)
@@ -281,4 +309,4 @@ def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
     if n_test is not None:
         keep = stratified_subset(y_te, n_test, seed + 1)
         x_te, y_te = x_te[keep], y_te[keep]
-    return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), spec)
+    return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), spec, tuple((str(p), r) for p, r in skipped))

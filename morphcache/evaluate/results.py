@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -98,6 +99,9 @@ def run_protocols(protocols: Iterable[str], backbone, data, settings: EvalSettin
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise ConfigError(f"unknown protocol(s) {unknown or protocols}; use {', '.join(PROTOCOLS)}")
+    skipped = data.skipped_line() if hasattr(data, "skipped_line") else None
+    if skipped:  # files of a folder: dataset that were left out, named once before the protocols run
+        print(f"morphcache: {skipped}", file=sys.stderr)
     features = None
     rows = []
     for protocol in protocols:

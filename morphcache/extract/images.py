@@ -44,6 +44,7 @@ from morphcache.store.image_table import (
     STATUS_TOO_LARGE,
     STATUS_TRUNCATED,
     STATUS_UNSUPPORTED,
+    path_to_text,
 )
 
 #: Largest accepted image, in pixels (height * width).
@@ -67,6 +68,7 @@ def content_hash(data: bytes) -> str:
 def bad_image(name: str | Path, reason: int, detail: str = "") -> BadImageError:
     """A :class:`BadImageError` whose ``.reason`` is ``reason`` and whose message names ``name``."""
     what = STATUS_REASONS.get(reason, f"status {reason}")
+    name = path_to_text(str(name))  # a name that is not UTF-8 is shown with \xHH escapes
     extra = f" ({detail})" if detail else ""
     return BadImageError(f"{name}: {what}{extra}; fix or remove the file, or use --on-bad-image skip", reason=reason)
 
@@ -228,7 +230,7 @@ def load_stored_image_bytes(path: str | Path, expected_hash: str, *, verify: boo
     cached targets no longer describe its pixels. Used by extraction, replay and the training loaders."""
     data = read_file_bytes(path)
     if expected_hash and content_hash(data) != expected_hash:
-        raise MorphcacheError(f"{path}: file changed since the store was extracted (content hash differs), so its "
+        raise MorphcacheError(f"{path_to_text(str(path))}: file changed since the store was extracted (content hash differs), so its "
                               "cached targets no longer match; restore the file or extract into a new --out store")
     return canonicalize_bytes(data, path, verify=verify)
 

@@ -2,15 +2,14 @@
 
 Sources:
 
-- **A folder.** If it holds image files directly, it is an unlabeled dataset: every image below it (recursively)
-  gets label -1. Otherwise each immediate sub-folder that holds images (recursively) is a class; classes are
-  numbered in sorted name order (as torchvision's ``ImageFolder``). Images are those with an extension in
-  :data:`IMAGE_EXTENSIONS` (case-insensitive); hidden files and folders are skipped. Rows are sorted by relative
-  path, so the order does not depend on the file system.
-- **A text file** (any file that is not a folder): one path per line, optionally followed by a tab and a label;
-  blank lines and lines starting with ``#`` are skipped. Relative paths are resolved against the list's folder,
-  which is the root. Integer labels are used as given; otherwise label names are numbered in sorted order. Rows
-  keep the list's order (the list is the user's explicit order).
+- **A folder**, listed by :func:`morphcache.extract.folders.walk_image_folder` (the one folder rule, shared with
+  evaluation): unlabeled when it holds images directly, else one class per sub-folder holding images, numbered in
+  sorted name order; hidden files and folders and non-image files are left out; symbolic links are followed.
+- **A text file** (any file that is not a folder, read by :func:`read_list_lines`: UTF-8 with or without a
+  byte-order mark or UTF-16 with one, any line ending): one path per line, optionally followed by a tab and a
+  label; blank lines and lines starting with ``#`` are skipped. Relative paths are resolved against the list's
+  folder, which is the root. Integer labels are used as given; otherwise label names are numbered in sorted
+  order. Rows keep the list's order (the list is the user's explicit order).
 
 Each row gets the blake2b-128 hash of the file bytes and the (height, width) read from the header only (after
 EXIF orientation, matching :func:`morphcache.extract.images.load_canonical_bytes`). A file whose header cannot
@@ -20,65 +19,48 @@ be read (or that is missing) keeps size (0, 0) and status ``STATUS_PENDING``; ex
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from morphcache.errors import MorphcacheError
+from morphcache.extract.folders import IMAGE_EXTENSIONS, normalize_extensions, walk_image_folder
 from morphcache.extract.images import content_hash, open_header, oriented_size
 from morphcache.progress import progress_bar
-from morphcache.store.image_table import STATUS_PENDING, ImageTable
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+from morphcache.store.image_table import STATUS_PENDING, ImageTable, path_to_text
 
 #: Show a progress bar when at least this many files are scanned (``progress=None``).
 PROGRESS_MIN_FILES = 2000
 
-
-def _is_image(name: str, extensions: frozenset[str]) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
 
-def _walk_images(folder: Path, extensions: frozenset[str]) -> list[str]:
-    """Image paths below ``folder`` (recursive), relative to it, posix style, sorted."""
-    found: list[str] = []
-    seen: set[str] = set()  # real paths already walked: symlinked folders are followed once, loops are cut
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(folder)
-        found += [(rel / f).as_posix() for f in filenames if _is_image(f, extensions)]
-    return sorted(found)
-
-
-def _scan_folder(root: Path, extensions: frozenset[str]) -> tuple[list[str], list[int], list[str]]:
-    direct = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name, extensions)]
-    if direct:
-        paths = _walk_images(root, extensions)
-        return paths, [-1] * len(paths), []
-    classes: list[str] = []
-    paths: list[str] = []
-    labels: list[int] = []
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    for name in subdirs:
-        files = _walk_images(root / name, extensions)
-        if not files:
-            continue
-        label = len(classes)
-        classes.append(name)
-        paths += [f"{name}/{f}" for f in files]
-        labels += [label] * len(files)
-    return paths, labels, classes
+def read_list_lines(list_file: Path) -> list[str]:
+    """The lines of a user-written text list, as users write them: UTF-8 (with or without a byte-order mark) or
+    UTF-16 with a byte-order mark; LF, CRLF or CR line endings. Bytes that are not UTF-8 are kept as surrogate
+    escapes, exactly as ``os.fsdecode`` names such files, so a list written by ``find`` or ``ls`` opens every file.
+    Raises :class:`MorphcacheError` when the file cannot be read or is not text."""
+    try:
+        data = list_file.read_bytes()
+    except OSError as e:
+        raise MorphcacheError(f"{list_file}: cannot read the image list ({type(e).__name__}); pass a folder or a text file") from None
+    encoding = "utf-8"
+    for bom, enc in _BOMS:
+        if data.startswith(bom):
+            data, encoding = data[len(bom):], enc
+            break
+    try:
+        text = data.decode(encoding, "surrogateescape" if encoding == "utf-8" else "strict")
+    except UnicodeDecodeError:
+        raise MorphcacheError(f"{list_file}: not a valid {encoding} text file; save the list as UTF-8") from None
+    if "\x00" in text:
+        raise MorphcacheError(f"{list_file}: holds NUL bytes, so it is not a text list (UTF-16 needs a byte-order mark); "
+                              "save the list as UTF-8 text, one path per line")
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def _parse_list(list_file: Path, root: Path) -> tuple[list[str], list[int], list[str]]:
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MorphcacheError(f"{list_file}: cannot read the image list ({type(e).__name__}); pass a folder or a UTF-8 text file") from None
+    lines = read_list_lines(list_file)
     paths: list[str] = []
     raw_labels: list[str | None] = []
     seen: dict[str, int] = {}
@@ -90,10 +72,10 @@ def _parse_list(list_file: Path, root: Path) -> tuple[list[str], list[int], list
         p = Path(path_part)
         rel = Path(os.path.relpath(p, root)).as_posix() if p.is_absolute() else Path(os.path.normpath(p)).as_posix()
         if rel in seen:
-            raise MorphcacheError(f"{list_file}:{lineno}: {path_part} is listed twice (first on line {seen[rel]}); remove the duplicate")
+            raise MorphcacheError(f"{list_file}:{lineno}: {path_to_text(path_part)} is listed twice (first on line {seen[rel]}); remove the duplicate")
         seen[rel] = lineno
         paths.append(rel)
-        raw_labels.append(label_part.strip() or None)
+        raw_labels.append(path_to_text(label_part.strip()) or None)  # label names are text (class names)
     given = [x for x in raw_labels if x is not None]
     if all(_is_int(x) for x in given):
         labels = [int(x) if x is not None else -1 for x in raw_labels]
@@ -146,10 +128,11 @@ def build_manifest(
     src = Path(source).expanduser()
     if not src.exists():
         raise MorphcacheError(f"{source}: no such folder or image list; pass an image folder or a text file with one path per line")
-    exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    exts = normalize_extensions(extensions)
     if src.is_dir():
         root = src.resolve()
-        paths, labels, classes = _scan_folder(root, exts)
+        listing = walk_image_folder(root, extensions=exts)
+        paths, labels, classes = listing.paths, listing.labels, listing.classes
         if not paths:
             raise MorphcacheError(f"{source}: no images found (extensions {' '.join(sorted(exts))}); point to a folder of images or class sub-folders")
     else:

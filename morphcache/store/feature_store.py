@@ -315,12 +315,19 @@ class FeatureStore:
         sel, _ = self._rows(rows)
         return self._read("views", sel)
 
+    def image_paths(self) -> list[str]:
+        """Each image's path relative to ``spec.dataset_root``, as the file system names it (the stored text
+        decoded by :func:`~morphcache.store.image_table.path_from_text`)."""
+        from morphcache.store.image_table import path_from_text
+
+        return [path_from_text(str(p)) for p in np.asarray(self.array("images/path")[:]).astype(object)]
+
     def image_table(self) -> "ImageTable":
         from morphcache.store.image_table import ImageTable
 
         size = np.asarray(self.array("images/size")[:]).reshape(-1, 2)
         return ImageTable(
-            path=np.asarray(self.array("images/path")[:]).astype(object).astype(str),
+            path=self.image_paths(),
             hash=np.asarray(self.array("images/hash")[:]).astype(object).astype(str),
             height=size[:, 0].astype(np.int32),
             width=size[:, 1].astype(np.int32),

@@ -8,6 +8,7 @@ Rows are in the manifest's deterministic order; image ``i`` owns store rows ``i*
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,37 @@ STATUS_REASONS: dict[int, str] = {
 }
 
 
+_ESCAPED = re.compile(r"\\(\\|x[89a-f][0-9a-f])")
+_NEEDS_ESCAPE = re.compile(r"\\(?=\\|x[89a-f][0-9a-f]|[\udc80-\udcff])|[\udc80-\udcff]")
+
+
+def path_to_text(path: str) -> str:
+    """A file name as the file system returned it (``os.fsdecode``: bytes that are not UTF-8 appear as surrogate
+    escapes U+DC80..U+DCFF) -> valid Unicode text for the store and for messages, reversibly.
+
+    Each undecodable byte is written ``\\xHH`` (lower-case hex, 80..ff), as Python prints it; a backslash that would
+    otherwise read as such an escape (followed by ``\\``, ``xHH`` or an undecodable byte) is doubled. Every other
+    name (every valid UTF-8 name without such a backslash) is returned unchanged, so stores written before this rule
+    read the same.
+    Inverse: :func:`path_from_text`.
+    """
+    if "\\" not in path and not any("\udc80" <= ch <= "\udcff" for ch in path):
+        return path
+    return _NEEDS_ESCAPE.sub(lambda m: "\\\\" if m.group() == "\\" else f"\\x{ord(m.group()) - 0xDC00:02x}", path)
+
+
+def path_from_text(text: str) -> str:
+    """Inverse of :func:`path_to_text`: the stored text -> the name to open (``os.fsencode`` gives its bytes)."""
+    if "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), text)
+
+
+def path_bytes(path: str) -> bytes:
+    """The file name's bytes on disk (UTF-8 with surrogate escapes restored), for hashing."""
+    return path.encode("utf-8", "surrogateescape")
+
+
 def _as(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=dtype))
 
@@ -44,7 +76,8 @@ def _as(a, dtype) -> np.ndarray:
 class ImageTable:
     """Columns of the manifest; all arrays have length N.
 
-    - ``path``: str (N,), relative to the dataset root (forward slashes);
+    - ``path``: str (N,), relative to the dataset root (forward slashes), as the file system names it (a name that
+      is not UTF-8 keeps surrogate escapes; the store holds :func:`path_to_text` of it);
     - ``hash``: str (N,), hex blake2b-128 of the file bytes ("" if the file could not be read);
     - ``height``, ``width``: int32 (N,), size after EXIF orientation (0 when the header is unreadable);
     - ``label``: int32 (N,), class index into ``class_names`` or -1 when unlabeled;
@@ -117,9 +150,9 @@ class ImageTable:
         h = hashlib.blake2b(digest_size=16)
         h.update(f"morphcache-manifest-v1 {len(self)}\n".encode())
         for name in self.class_names:
-            h.update(b"c\x00" + name.encode("utf-8") + b"\n")
+            h.update(b"c\x00" + path_bytes(name) + b"\n")
         for p, c, lab in zip(self.path.tolist(), self.hash.tolist(), self.label.tolist()):
-            h.update(f"{p}\x00{c}\x00{lab}\n".encode("utf-8"))
+            h.update(path_bytes(p) + f"\x00{c}\x00{lab}\n".encode())
         return h.hexdigest()
 
     def status_counts(self) -> dict[str, int]:

@@ -63,7 +63,9 @@ def create_arrays(root, spec: StoreSpec, images, inner_rows: int, compression: s
     root.create_array("progress", shape=(C,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("chunk",))
     root.create_array("checksums", shape=(C,), dtype="uint64", chunks=(1,), fill_value=0, dimension_names=("chunk",))
     if N:
-        img["path"][:] = np.asarray(images.path, dtype=object).astype(str)
+        from morphcache.store.image_table import path_to_text
+
+        img["path"][:] = np.asarray([path_to_text(str(p)) for p in images.path], dtype=object).astype(str)
         img["hash"][:] = np.asarray(images.hash, dtype=object).astype(str)
         img["size"][:] = np.stack([np.asarray(images.height), np.asarray(images.width)], axis=1).astype(np.int32)
         img["label"][:] = np.asarray(images.label, dtype=np.int32)

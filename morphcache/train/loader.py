@@ -91,8 +91,7 @@ class ViewSource:
         store = FeatureStore.open(self.store_path)
         root = self.image_root if self.image_root is not None else store.spec.dataset_root
         self._views = np.asarray(store.array("views")[:], dtype=np.float32)  # (R, P)
-        paths = np.asarray(store.array("images/path")[:]).astype(object)  # StringDType -> python str
-        self._paths = np.array([os.path.join(root, str(p)) for p in paths], dtype=object)
+        self._paths = np.array([os.path.join(root, p) for p in store.image_paths()], dtype=object)
         self._hashes = np.asarray(store.array("images/hash")[:]).astype(object).astype(str)
 
     def image_bytes(self, row: int) -> np.ndarray:
