@@ -2,12 +2,19 @@
 
 Each stage's command functions live in that stage's ``cli`` module and import their heavy dependencies lazily,
 so ``morphcache --help`` starts fast. :func:`main` takes an argv list (tests call it directly) and returns the
-exit code: 0 success, 1 a check found problems (e.g. ``store verify``), 2 bad input (one line on stderr).
+exit code: 0 success, 1 a check found problems (e.g. ``store verify``) or an internal error, 2 bad input (one line
+on stderr). An internal error (any exception that is not a :class:`~morphcache.errors.MorphcacheError`) prints one
+line naming the command and the error and writes the full traceback to a file (:func:`write_traceback`), or
+prints the traceback with ``--debug`` / ``MORPHCACHE_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Sequence
 
@@ -36,6 +43,18 @@ def schemas_export(out_dir: Annotated[Path, typer.Argument(help="directory to wr
     return 0
 
 
+DEBUG_ENV = "MORPHCACHE_DEBUG"
+_GROUPS = ("store", "eval", "schemas")
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"on an unexpected error print the full traceback instead of "
+                                        f"writing it to a file (also {DEBUG_ENV}=1); accepted anywhere on the line")] = False,
+) -> None:
+    pass  # main() reads --debug before typer parses the line
+
+
 def _register() -> None:
     from morphcache.demo import demo_command
     from morphcache.evaluate.cli import eval_app, report_command
@@ -57,11 +76,58 @@ def _register() -> None:
 _register()
 
 
+def command_name(args: Sequence[str]) -> str:
+    """``['store', 'info', 'S']`` -> ``'store info'``; ``['extract', '--data', 'd']`` -> ``'extract'``."""
+    if not args or args[0].startswith("-"):
+        return "morphcache"
+    if args[0] in _GROUPS and len(args) > 1 and not args[1].startswith("-"):
+        return f"{args[0]} {args[1]}"
+    return args[0]
+
+
+def _out_dir(args: Sequence[str]) -> Path | None:
+    """The run or store directory of this command line (its ``--out``/``-o`` value) when it exists as a folder."""
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--out=") else (args[i + 1] if a in ("--out", "-o") and
+                                                                     i + 1 < len(args) else None)
+        if value is not None and Path(value).expanduser().is_dir():
+            return Path(value).expanduser()
+    return None
+
+
+def write_traceback(exc: BaseException, args: Sequence[str]) -> Path | None:
+    """Write ``exc``'s full traceback and the command line to ``morphcache-error-<time>-<pid>.log`` in the run or
+    store directory (the command's ``--out`` folder when it exists), else in the temp directory. Returns the
+    file's path, or None when neither can be written."""
+    text = (f"morphcache {' '.join(args)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    name = f"morphcache-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (_out_dir(args), Path(tempfile.gettempdir())):
+        if folder is None:
+            continue
+        try:
+            path = folder / name
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
+            return path.resolve()
+        except OSError:
+            continue
+    return None
+
+
+def _debug_requested(args: list[str]) -> tuple[bool, list[str]]:
+    """(--debug given anywhere before ``--`` or MORPHCACHE_DEBUG set, the arguments without --debug)."""
+    end = args.index("--") if "--" in args else len(args)
+    flag = "--debug" in args[:end]
+    rest = [a for i, a in enumerate(args) if not (i < end and a == "--debug")]
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     import click
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    debug, args = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     try:
         result = app(args=args, prog_name="morphcache", standalone_mode=False)
     except MorphcacheError as exc:
@@ -78,6 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("morphcache: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # an internal error: one line here, the traceback in a file (or here with --debug)
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        cmd = command_name(args)
+        if debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            print(f"morphcache {cmd}: internal error: {what}", file=sys.stderr)
+            return 1
+        path = write_traceback(exc, args)
+        where = (f"full traceback in {path}" if path is not None else "the traceback could not be written")
+        print(f"morphcache {cmd}: internal error: {what}; {where} (--debug or {DEBUG_ENV}=1 prints it); "
+              "please report it", file=sys.stderr)
+        return 1
     return int(result or 0) if isinstance(result, int) else 0
 
 

