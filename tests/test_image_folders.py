@@ -54,14 +54,15 @@ def _messy_split(split: Path) -> None:
     (split / "empty" / "readme.md").write_text("no images here")
     _png(split.parent / "elsewhere" / "9.png", 210)
     (split / "dog" / "linked").symlink_to(split.parent / "elsewhere")
+    (split / "cat" / "2.png").symlink_to(split.parent / "elsewhere" / "9.png")
 
 
 def test_walk_rule_hidden_links_empty_classes_and_numbering(tmp_path):
     _messy_split(tmp_path / "train")
     listing = walk_image_folder(tmp_path / "train")
     assert listing.classes == ["cat", "dog"]
-    assert listing.paths == ["cat/0.png", "cat/1.png", "dog/linked/9.png", "dog/sub/0.png"]
-    assert listing.labels == [0, 0, 1, 1]
+    assert listing.paths == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/linked/9.png", "dog/sub/0.png"]
+    assert listing.labels == [0, 0, 0, 1, 1]
     skipped = dict(listing.skipped)
     assert skipped == {
         ".ipynb_checkpoints/": SKIP_HIDDEN,
@@ -85,8 +86,8 @@ def test_eval_folder_ignores_hidden_and_appledouble_files(tmp_path):
     _messy_split(tmp_path / "test")
     d = load_dataset(f"folder:{tmp_path}", image_size=16)
     assert d.classes == ("cat", "dog")
-    assert d.train_labels.tolist() == [0, 0, 1, 1] and d.test_labels.tolist() == [0, 0, 1, 1]
-    assert [int(x.mean()) for x in d.train_images] == [40, 50, 210, 200]
+    assert d.train_labels.tolist() == [0, 0, 0, 1, 1] and d.test_labels.tolist() == [0, 0, 0, 1, 1]
+    assert [int(x.mean()) for x in d.train_images] == [40, 50, 210, 210, 200]
     assert any(p.endswith("._0.jpg") and r == SKIP_HIDDEN for p, r in d.skipped)
     assert "skipped 16 file(s)" in d.skipped_line()  # 8 entries in each split
 
@@ -156,6 +157,16 @@ def test_fingerprint_of_a_non_utf8_name(tmp_path):
     same = ImageTable(path=["a.png"], hash=["h"], height=[1], width=[1], label=[-1], status=[255])
     before = hashlib.blake2b(b"morphcache-manifest-v1 1\na.png\x00h\x00-1\n", digest_size=16).hexdigest()
     assert same.fingerprint() == before  # UTF-8 names hash as before, so existing stores still resume
+
+
+def test_non_utf8_class_folder_is_a_text_class_name(tmp_path):
+    os.makedirs(os.fsencode(tmp_path) + b"/caf\xe9")
+    _png(Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")) / "a.png", 3)
+    _png(tmp_path / "tea" / "b.png", 4)
+    table, root = build_manifest(tmp_path)
+    assert table.class_names == ["caf\\xe9", "tea"]  # shown and stored as text
+    assert table.path.tolist() == [os.fsdecode(b"caf\xe9/a.png"), "tea/b.png"]  # opened by its real name
+    assert (root / table.path[0]).is_file() and len(table.fingerprint()) == 32
 
 
 def test_non_utf8_name_in_eval_folder(tmp_path):
