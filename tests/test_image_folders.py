@@ -132,6 +132,18 @@ def test_eval_folder_refuses_images_outside_class_folders(tmp_path):
         load_dataset(f"folder:{tmp_path}")
 
 
+def test_folders_without_usable_images_are_one_line_errors(tmp_path):
+    _png(tmp_path / "train" / "a" / "x.png", 1)
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    (tmp_path / "test" / "a" / "y.png").write_bytes(b"")
+    with pytest.raises(MorphcacheError, match=r"test: no image could be decoded, e\.g\. .*y\.png: empty file"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "only_hidden" / "c").mkdir(parents=True)
+    (tmp_path / "only_hidden" / "c" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(MorphcacheError, match=r"no images found .*left out, e\.g\. c/\._x\.jpg: hidden"):
+        build_manifest(tmp_path / "only_hidden")
+
+
 # ---------------------------------------------------------------- names that are not UTF-8
 
 

@@ -239,7 +239,7 @@ def _decode_square(path: Path, size: int) -> np.ndarray:
 
 def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int | None, seed: int):
     from morphcache.errors import BadImageError
-    from morphcache.store.image_table import STATUS_REASONS
+    from morphcache.store.image_table import STATUS_REASONS, path_to_text
 
     if not (root / "train").is_dir():
         raise MorphcacheError(f"{root}/train does not exist; folder:DIR needs DIR/train/<class>/ and DIR/test/")
@@ -250,7 +250,8 @@ def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int |
     te_paths, te_labels, _, te_skipped = _list_folder(test_dir, classes)
     skipped += te_skipped
     out = []
-    for paths, labels, n, s in ((tr_paths, tr_labels, n_train, seed), (te_paths, te_labels, n_test, seed + 1)):
+    splits = ((root / "train", tr_paths, tr_labels, n_train, seed), (test_dir, te_paths, te_labels, n_test, seed + 1))
+    for split_dir, paths, labels, n, s in splits:
         keep = stratified_subset(labels, n, s) if n is not None else np.arange(len(labels))
         images, kept = [], []
         for i in keep.tolist():
@@ -260,8 +261,8 @@ def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int |
             except BadImageError as exc:  # the bad-image policy of evaluation: skip the file, keep its reason
                 skipped.append((paths[i], STATUS_REASONS.get(exc.reason, str(exc))))
         if not images:
-            raise MorphcacheError(f"{paths[0].parent.parent}: no image could be decoded; first problem: "
-                                  f"{skipped[-1][0]}: {skipped[-1][1]}")
+            raise MorphcacheError(f"{split_dir}: no image could be decoded, e.g. {path_to_text(str(skipped[-1][0]))}: "
+                                  f"{skipped[-1][1]}; replace the files or point folder:DIR elsewhere")
         out.append((np.stack(images), labels[kept]))
     return out[0], out[1], tuple(classes), skipped
 

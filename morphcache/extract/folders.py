@@ -15,7 +15,7 @@ Rule (decided here, documented once):
   -1. Otherwise each immediate sub-folder holding images (recursively) is a class, numbered in sorted name order
   as torchvision's ``ImageFolder`` numbers them; a sub-folder holding no image is not a class (skipped with reason
   :data:`SKIP_EMPTY_CLASS`). ``classes=`` imposes a given class list (evaluation's test split uses the train
-  split's numbering).
+  split's numbering); then images directly in the root are skipped with reason :data:`SKIP_OUTSIDE_CLASS`.
 - **Order.** Classes in sorted order, each class's files sorted by relative path, so the order does not depend on
   the file system.
 - **Names** are kept exactly as the file system returns them (``os.fsdecode``): a name that is not valid UTF-8
@@ -39,6 +39,7 @@ SKIP_HIDDEN = "hidden file or folder"
 SKIP_NOT_IMAGE_NAME = "not an image file name"
 SKIP_BROKEN_LINK = "broken symbolic link"
 SKIP_EMPTY_CLASS = "class folder without images"
+SKIP_OUTSIDE_CLASS = "image outside a class folder"
 
 
 @dataclass
@@ -133,7 +134,7 @@ def walk_image_folder(
             out.skipped.append((entry.name, SKIP_BROKEN_LINK))
         else:
             out.skipped.append((entry.name, SKIP_NOT_IMAGE_NAME if not _is_image_name(entry.name, exts)
-                                else "image outside a class folder"))
+                                else SKIP_OUTSIDE_CLASS))
     per_class: dict[str, list[str]] = {}
     for name in subdirs:
         files = _walk(root / name, name + "/", exts, out.skipped)

@@ -134,7 +134,10 @@ def build_manifest(
         listing = walk_image_folder(root, extensions=exts)
         paths, labels, classes = listing.paths, listing.labels, listing.classes
         if not paths:
-            raise MorphcacheError(f"{source}: no images found (extensions {' '.join(sorted(exts))}); point to a folder of images or class sub-folders")
+            left = (f"; {len(listing.skipped)} left out, e.g. {path_to_text(listing.skipped[0][0])}: "
+                    f"{listing.skipped[0][1]}" if listing.skipped else "")
+            raise MorphcacheError(f"{source}: no images found (extensions {' '.join(sorted(exts))}{left}); point to a "
+                                  "folder of images or class sub-folders")
     else:
         root = src.resolve().parent
         paths, labels, classes = _parse_list(src, root)
