@@ -311,3 +311,27 @@ def test_read_raw_refuses_a_wrong_output_buffer(tmp_path):
         ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.float32), np.empty((3, 16), np.float16)))
     with pytest.raises(ValueError, match="scales: output buffer"):
         ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.int8), np.empty((2, 16), np.float16)))
+
+
+def test_errors_are_also_the_matching_builtins(tmp_path):
+    from morphcache.errors import BadImageError, ConfigError, MorphcacheError
+
+    with pytest.raises(FileNotFoundError) as info:
+        FeatureStore.open(tmp_path / "absent.zarr")
+    assert isinstance(info.value, MorphcacheError) and "no such store" in str(info.value)
+    assert issubclass(ConfigError, ValueError) and issubclass(BadImageError, ValueError)
+    assert issubclass(SpecMismatchError, ValueError)
+
+
+def test_reader_fallback_to_zarr_is_logged(tmp_path, caplog):
+    import json
+    import logging
+
+    from morphcache.store.shard_reader import ShardRowReader
+
+    array_dir = tmp_path / "arr"
+    array_dir.mkdir()
+    (array_dir / "zarr.json").write_text(json.dumps({"shape": [4, 2], "codecs": [{"name": "bytes"}]}))
+    with caplog.at_level(logging.WARNING, logger="morphcache.store.shard_reader"):
+        assert ShardRowReader.for_array(array_dir) is None
+    assert "through zarr" in caplog.text and str(array_dir) in caplog.text
