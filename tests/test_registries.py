@@ -13,7 +13,7 @@ from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.extract.teachers import Teacher, load_teacher, parse_teacher_name
 from morphcache.schemas import TeacherSpec
-from tests._image_files import write_noise_pngs
+from morphcache.testing.images import write_noise_pngs
 
 
 @pytest.fixture()
