@@ -26,16 +26,20 @@ class StoreError(MorphcacheError):
     """The path is not a usable feature store (missing, truncated, other version, mismatched spec)."""
 
 
-class SpecMismatchError(StoreError):
-    """An existing store was created with a different spec than the one requested."""
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at the given path (also a :class:`FileNotFoundError`, so generic file handling catches it)."""
 
 
-class BadImageError(MorphcacheError):
+class SpecMismatchError(StoreError, ValueError):
+    """An existing store was created with a different spec than the one requested (also a :class:`ValueError`)."""
+
+
+class BadImageError(MorphcacheError, ValueError):
     """An input image cannot be decoded or rendered.
 
     ``reason`` is the store's status code for it (``morphcache.store.image_table.STATUS_REASONS``); ``index`` is
     the position of the failing sample in a rendered batch, when known. Extraction records the reason and goes on
-    under ``--on-bad-image skip`` and re-raises it under ``--on-bad-image fail``.
+    under ``--on-bad-image skip`` and re-raises it under ``--on-bad-image fail``. Also a :class:`ValueError`.
     """
 
     def __init__(self, message: str, reason: int | None = None, index: int | None = None) -> None:
@@ -44,8 +48,8 @@ class BadImageError(MorphcacheError):
         self.index = index
 
 
-class ConfigError(MorphcacheError):
-    """Incompatible options, e.g. a student whose token grid does not match the store."""
+class ConfigError(MorphcacheError, ValueError):
+    """Incompatible options, e.g. a student whose token grid does not match the store (also a :class:`ValueError`)."""
 
 
 def error_from_worker(exc: BaseException) -> MorphcacheError | None:

@@ -9,8 +9,8 @@ import pytest
 from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.extract.distributed import parse_shard, shard_chunks
-from _image_files import write_noise_pngs
-from _store_factory import store_arrays
+from morphcache.testing.images import write_noise_pngs
+from morphcache.testing.stores import store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "2", "--dtype", "int8", "--seed", "5"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from morphcache.cli import main
-from _image_files import write_noise_pngs
-from _store_factory import store_arrays
+from morphcache.testing.images import write_noise_pngs
+from morphcache.testing.stores import store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "1", "--dtype", "int8", "--seed", "3"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from morphcache.errors import MorphcacheError
-from morphcache.evaluate.report import accuracy_table, markdown_table, pca_rgb, write_report
+from morphcache.evaluate.report import accuracy_table, markdown_table, pca_grid_rgb, write_report
 from morphcache.evaluate.results import append_result
 
 TINY = "vit_tiny_patch16_224"
@@ -88,12 +88,12 @@ def test_pca_rgb_separates_token_groups():
     rng = np.random.default_rng(0)
     tokens = rng.normal(0, 0.01, (2, 16, 8)).astype(np.float32)
     tokens[:, :8, 0] += 5.0  # top half of each 4x4 grid differs strongly along one direction
-    rgb = pca_rgb(tokens)
+    rgb = pca_grid_rgb(tokens)
     assert rgb.shape == (2, 4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
     top, bottom = rgb[:, :2].reshape(-1, 3), rgb[:, 2:].reshape(-1, 3)
     assert np.abs(top[:, 0].mean() - bottom[:, 0].mean()) > 0.9  # first component = the split
     with pytest.raises(MorphcacheError, match="square"):
-        pca_rgb(np.zeros((1, 5, 3), np.float32))
+        pca_grid_rgb(np.zeros((1, 5, 3), np.float32))
 
 
 def _store_run(tmp_path: Path) -> Path:

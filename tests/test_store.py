@@ -19,7 +19,7 @@ from morphcache.store.feature_store import FeatureStore, ShardRowReader
 from morphcache.store.verify import verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _store_factory import expected_tokens, make_chunk, make_images, make_spec, make_store  # noqa: E402
+from morphcache.testing.stores import expected_tokens, make_chunk, make_image_table, make_spec, make_store  # noqa: E402
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -65,7 +65,7 @@ def test_round_trip(tmp_path, dtype, compression):
 @pytest.mark.parametrize("inner", [1, 2])
 def test_fast_row_reads_equal_zarr(tmp_path, compression, inner):
     spec = make_spec(n_images=9, dtype="int8", chunk_images=2)
-    store = FeatureStore.create(tmp_path / "s", spec, make_images(9), rows_per_inner_chunk=inner, compression=compression)
+    store = FeatureStore.create(tmp_path / "s", spec, make_image_table(9), rows_per_inner_chunk=inner, compression=compression)
     for c in range(store.n_chunks - 1):  # last chunk left empty: fill values
         store.write_chunk(c, *make_chunk(spec, c, skipped=(4,)))
     ro = FeatureStore.open(tmp_path / "s", "r")
@@ -102,7 +102,7 @@ def test_damaged_shard_index_is_refused_by_fast_reader(tmp_path):
 CRASH = """
 import os, sys
 from pathlib import Path
-from _store_factory import make_chunk
+from morphcache.testing.stores import make_chunk
 from morphcache.store.feature_store import FeatureStore
 store = FeatureStore.open(sys.argv[1], "a")
 FeatureStore._mark_done = lambda self, c, checksum: os._exit(17)  # die between data and progress
@@ -112,7 +112,7 @@ store.write_chunk(1, *make_chunk(store.spec, 1))
 
 def test_crash_between_data_and_progress_leaves_chunk_missing_and_it_is_redone(tmp_path):
     spec = make_spec(n_images=6)
-    store = FeatureStore.create(tmp_path / "s", spec, make_images(6))
+    store = FeatureStore.create(tmp_path / "s", spec, make_image_table(6))
     store.write_chunk(0, *make_chunk(spec, 0))
     proc = run_py(CRASH, str(tmp_path / "s"))
     assert proc.returncode == 17, proc.stderr
@@ -130,7 +130,7 @@ def test_crash_between_data_and_progress_leaves_chunk_missing_and_it_is_redone(t
 
 WRITER = """
 import sys
-from _store_factory import make_chunk
+from morphcache.testing.stores import make_chunk
 from morphcache.store.feature_store import FeatureStore
 store = FeatureStore.open(sys.argv[1], "a")
 for c in map(int, sys.argv[2].split(",")):
@@ -141,10 +141,10 @@ for c in map(int, sys.argv[2].split(",")):
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
 def test_four_processes_on_disjoint_chunks_equal_one_process(tmp_path, dtype):
     spec = make_spec(n_images=15, dtype=dtype, chunk_images=2, T=16, D=32)  # 8 chunks, the last one partial
-    one = FeatureStore.create(tmp_path / "one", spec, make_images(15))
+    one = FeatureStore.create(tmp_path / "one", spec, make_image_table(15))
     for c in range(one.n_chunks):
         one.write_chunk(c, *make_chunk(spec, c, skipped=(5,)))
-    FeatureStore.create(tmp_path / "four", spec, make_images(15))
+    FeatureStore.create(tmp_path / "four", spec, make_image_table(15))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "four"), ",".join(map(str, chunks))], env=env)
              for chunks in ([0, 4], [1, 5], [2, 6], [3, 7])]
@@ -161,12 +161,12 @@ def test_spec_mismatch_is_refused_and_names_the_field(tmp_path):
     make_store(tmp_path / "s")
     before = tree_hash(tmp_path / "s")
     with pytest.raises(SpecMismatchError, match=r"\bseed\b"):
-        FeatureStore.create(tmp_path / "s", make_spec(seed=1), make_images(6))
+        FeatureStore.create(tmp_path / "s", make_spec(seed=1), make_image_table(6))
     with pytest.raises(SpecMismatchError, match=r"views_per_image"):
-        FeatureStore.create(tmp_path / "s", make_spec(views=3), make_images(6))
+        FeatureStore.create(tmp_path / "s", make_spec(views=3), make_image_table(6))
     with pytest.raises(SpecMismatchError, match=r"teacher\.dim"):
-        FeatureStore.create(tmp_path / "s", make_spec(D=16), make_images(6))
-    same = FeatureStore.create(tmp_path / "s", make_spec(), make_images(6))  # identical spec: opened for append
+        FeatureStore.create(tmp_path / "s", make_spec(D=16), make_image_table(6))
+    same = FeatureStore.create(tmp_path / "s", make_spec(), make_image_table(6))  # identical spec: opened for append
     assert same.mode == "a" and same.is_complete()
     assert tree_hash(tmp_path / "s") == before
 
@@ -311,3 +311,27 @@ def test_read_raw_refuses_a_wrong_output_buffer(tmp_path):
         ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.float32), np.empty((3, 16), np.float16)))
     with pytest.raises(ValueError, match="scales: output buffer"):
         ro.read_raw([0, 1, 2], out=(np.empty((3, 16, 32), np.int8), np.empty((2, 16), np.float16)))
+
+
+def test_errors_are_also_the_matching_builtins(tmp_path):
+    from morphcache.errors import BadImageError, ConfigError, MorphcacheError
+
+    with pytest.raises(FileNotFoundError) as info:
+        FeatureStore.open(tmp_path / "absent.zarr")
+    assert isinstance(info.value, MorphcacheError) and "no such store" in str(info.value)
+    assert issubclass(ConfigError, ValueError) and issubclass(BadImageError, ValueError)
+    assert issubclass(SpecMismatchError, ValueError)
+
+
+def test_reader_fallback_to_zarr_is_logged(tmp_path, caplog):
+    import json
+    import logging
+
+    from morphcache.store.shard_reader import ShardRowReader
+
+    array_dir = tmp_path / "arr"
+    array_dir.mkdir()
+    (array_dir / "zarr.json").write_text(json.dumps({"shape": [4, 2], "codecs": [{"name": "bytes"}]}))
+    with caplog.at_level(logging.WARNING, logger="morphcache.store.shard_reader"):
+        assert ShardRowReader.for_array(array_dir) is None
+    assert "through zarr" in caplog.text and str(array_dir) in caplog.text

@@ -15,7 +15,7 @@ from morphcache.store.feature_store import FeatureStore
 from morphcache.store.stats import grid_geometry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _store_factory import make_store  # noqa: E402
+from morphcache.testing.stores import make_store  # noqa: E402
 from test_store import tree_hash  # noqa: E402
 
 

@@ -8,7 +8,7 @@ follow, step for step, a single-process run at batch 4 whose batches are the uni
 (DDP averages equal-size per-rank gradients into the global-batch gradient). That comparison fails if the ranks
 read the same rows, miss rows, drift apart, or resume at the wrong place.
 
-Which rows each rank really consumed is recorded by ``tests/_ddp_helpers.py`` (it wraps the training loader of
+Which rows each rank really consumed is recorded by ``morphcache/testing/ddp.py`` (it wraps the training loader of
 ``morphcache.cli.main``); the resumed run goes through the plain ``-m morphcache`` entry point.
 """
 
@@ -25,8 +25,8 @@ import torch
 from morphcache.cli import main
 from morphcache.store.feature_store import FeatureStore
 from morphcache.train.sampler import EpochSampler
-from tests._ddp_helpers import launch, read_rows
-from tests.test_train_loader import build_teacher_store
+from morphcache.testing.ddp import launch, read_rows
+from morphcache.testing.teacher_stores import build_teacher_store
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def ddp_run(store, tmp_path_factory) -> dict:
     """2-rank torchrun launch, torch loader in the main process, stopped after FIRST_STOP steps; rows recorded."""
     base = tmp_path_factory.mktemp("ddp_torch")
     run, rows = base / "run", base / "rows"
-    proc = launch([str(rows), *_args(store.path, run)], WORLD, cwd=base, module="tests._ddp_helpers")
+    proc = launch([str(rows), *_args(store.path, run)], WORLD, cwd=base, module="morphcache.testing.ddp")
     return {"proc": proc, "run": run, "rows": rows}
 
 
@@ -177,7 +177,7 @@ def test_dali_loader_shards_by_rank_under_ddp(store, ddp_run, tmp_path):
     _check(ddp_run["proc"])
     run, rows = tmp_path / "run", tmp_path / "rows"
     args = _args(store.path, run, loader=None, workers=1)
-    _check(launch([str(rows), *args], WORLD, cwd=tmp_path, module="tests._ddp_helpers"))
+    _check(launch([str(rows), *args], WORLD, cwd=tmp_path, module="morphcache.testing.ddp"))
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert json.loads((run / "config.json").read_text())["loader"] == "dali"
     expected = _samplers(store, WORLD, BATCH)

@@ -10,7 +10,7 @@ from morphcache.cli import main
 from morphcache.errors import ConfigError, StoreError
 from morphcache.schemas import RunConfig
 from morphcache.train import guards
-from tests._store_factory import make_spec, make_store
+from morphcache.testing.stores import make_spec, make_store
 
 
 def test_student_size_follows_the_teacher_grid():

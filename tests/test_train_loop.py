@@ -16,7 +16,7 @@ import torch
 from morphcache.cli import main
 from morphcache.schemas import RunConfig
 from morphcache.train.loop import run_training
-from tests.test_train_loader import build_teacher_store
+from morphcache.testing.teacher_stores import build_teacher_store
 
 
 @pytest.fixture(scope="module")

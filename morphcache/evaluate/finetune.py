@@ -23,6 +23,7 @@ from morphcache.errors import ConfigError
 from morphcache.evaluate.features import autocast_context, map_batches, prepare_images
 from morphcache.evaluate.knn import topk_accuracy
 from morphcache.progress import progress_bar
+from morphcache.train.schedule import lr_at
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def finetune(backbone, data, config: FinetuneConfig = FinetuneConfig(), device: 
                 if step >= total:
                     break
                 idx = np.sort(order[i * batch:(i + 1) * batch])
-                lr = _lr_at(step, total, warmup, config)
+                lr = lr_at(step, total, config.lr, config.min_lr, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 x = prepare_images(augment_batch(data.train_images[idx], net.img_size, config, rng),
@@ -184,9 +185,3 @@ def finetune(backbone, data, config: FinetuneConfig = FinetuneConfig(), device: 
                    layer_decay_applied=layered, drop_path_applied=drop_applied)
     return FinetuneResult(metrics, model, losses)
 
-
-def _lr_at(step: int, total: int, warmup: int, config: FinetuneConfig) -> float:
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

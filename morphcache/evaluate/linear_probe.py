@@ -6,7 +6,6 @@ a few epochs (AdamW by default; SGD with momentum as an alternative), cosine lea
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from morphcache.errors import ConfigError
 from morphcache.evaluate.knn import topk_accuracy
+from morphcache.train.schedule import lr_at
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def train_linear_probe(features: torch.Tensor, labels, n_classes: int,
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             for g in opt.param_groups:
-                g["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                g["lr"] = lr_at(step, total, config.lr, 0.0, 0)
             loss = loss_fn(probe(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -117,16 +117,16 @@ def plot_accuracy(row_labels, col_labels, cells, out: Path) -> Path:
     return out
 
 
-def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+def pca_grid_rgb(tokens: np.ndarray) -> np.ndarray:
     """tokens ``(N, T, D)`` on a square grid -> RGB ``(N, h, w, 3)`` in [0, 1]: the first 3 principal components,
     fitted jointly over all N images (so colours are comparable across images), min-max scaled per component."""
-    from morphcache.extract.show import pca_rgb as pca_rgb_flat
+    from morphcache.extract.show import pca_rgb
 
     n, t, _ = tokens.shape
     side = int(round(t ** 0.5))
     if side * side != t:
         raise MorphcacheError(f"cannot draw {t} tokens as a square grid")
-    return pca_rgb_flat(tokens).reshape(n, side, side, 3)
+    return pca_rgb(tokens).reshape(n, side, side, 3)
 
 
 def _find_checkpoint(run_dir: Path) -> Path | None:
@@ -169,8 +169,8 @@ def token_maps(run_dir: Path, out: Path, n_images: int = 4) -> Path:
     with torch.no_grad():
         student.eval()
         student_tokens = student.tokens((pixels - mean) / std).numpy()
-    maps = [("view", views), (f"teacher {store.spec.teacher.name}", pca_rgb(teacher_tokens)),
-            ("student", pca_rgb(student_tokens))]
+    maps = [("view", views), (f"teacher {store.spec.teacher.name}", pca_grid_rgb(teacher_tokens)),
+            ("student", pca_grid_rgb(student_tokens))]
     plt = _plt()
     fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
     for col, (title, arrs) in enumerate(maps):

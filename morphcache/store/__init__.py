@@ -1,4 +1,7 @@
-"""The zarr v3 feature store (schema v1): :class:`FeatureStore`, quantization, verify/info/stats.
+"""The zarr v3 feature store: :class:`FeatureStore`, quantization, verify/info/stats.
+
+The current schema version is ``morphcache.schemas.SCHEMA_VERSION``; older stores are migrated on open
+(``schemas/versioning.py``).
 
 Names are imported lazily so ``morphcache --help`` (which imports ``morphcache.store.cli``) stays fast.
 """

@@ -1,4 +1,6 @@
-"""The feature store: a zarr v3 group of teacher tokens, one row per augmented view (schema v1).
+"""The feature store: a zarr v3 group of teacher tokens, one row per augmented view.
+
+The layout is the current schema (``morphcache.schemas.SCHEMA_VERSION``); older stores are migrated on open.
 
 Row ``r`` is view ``r % V`` of image ``r // V``. Arrays (see README "Store format"):
 
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from morphcache import __version__
-from morphcache.errors import SpecMismatchError, StoreError
+from morphcache.errors import SpecMismatchError, StoreError, StoreNotFoundError
 from morphcache.schemas import N_VIEW_PARAMS, StoreSpec, load_versioned
 from morphcache.store.quantize import dequantize, dequantize_to
 from morphcache.store.layout import COMPRESSIONS, check_arrays, create_arrays
@@ -136,7 +138,7 @@ class FeatureStore:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if not path.exists():
-            raise StoreError(f"{path}: no such store; run `morphcache extract --out {path}` first")
+            raise StoreNotFoundError(f"{path}: no such store; run `morphcache extract --out {path}` first")
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a zarr store (no zarr.json); pass the directory extract wrote")
         try:

@@ -30,7 +30,7 @@ def token_codecs(dtype: str, compression: str):
 
 
 def create_arrays(root, spec: StoreSpec, images, inner_rows: int, compression: str) -> None:
-    """Create every array of schema v1 in the empty group ``root`` and write the image table (N rows)."""
+    """Create every array of the current schema in the empty group ``root`` and write the image table (N rows)."""
     T, D, Dp = spec.n_tokens, spec.dim, spec.teacher.pooled_dim
     R, N, C = spec.n_rows, spec.n_images, spec.n_chunks
     rows = spec.chunk_rows

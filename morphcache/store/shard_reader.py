@@ -12,6 +12,7 @@ None for anything else, in which case callers read through zarr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -22,6 +23,13 @@ from typing import Callable
 import numpy as np
 
 from morphcache.store.shard_files import ShardFileIO
+
+log = logging.getLogger(__name__)
+
+
+def _warn_zarr_fallback(array_dir: Path, why: str) -> None:
+    """Log (warning) that rows of ``array_dir`` will be read through zarr, several hundred times slower per row."""
+    log.warning("reading rows of %s through zarr (several hundred times slower per row): %s", array_dir, why)
 
 
 class ShardRowReader(ShardFileIO):
@@ -80,13 +88,15 @@ class ShardRowReader(ShardFileIO):
             key = meta["chunk_key_encoding"]
             dtype = np.dtype(meta["data_type"])
             fill = np.asarray(meta["fill_value"], dtype=dtype)
-        except (OSError, KeyError, TypeError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            _warn_zarr_fallback(array_dir, f"its metadata could not be read ({type(exc).__name__}: {exc})")
             return None
         if (codec["name"] != "sharding_indexed" or cfg.get("index_location", "end") != "end"
                 or shard[1:] != shape[1:] or inner[1:] != shape[1:] or shard[0] % inner[0]
                 or names not in (["bytes"], ["bytes", "blosc"]) or index_names != ["bytes", "crc32c"]
                 or key.get("name") != "default" or (key.get("configuration") or {}).get("separator", "/") != "/"
                 or (dtype.itemsize > 1 and (endian != "little" or sys.byteorder != "little"))):
+            _warn_zarr_fallback(array_dir, "its chunk layout is not the row-sharded layout morphcache writes")
             return None
         return cls(array_dir, shape, shard[0], inner[0], dtype, fill, names[-1] == "blosc")
 

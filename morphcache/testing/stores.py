@@ -1,4 +1,4 @@
-"""Small random feature stores for tests (reusable by other test files).
+"""Small random feature stores for tests (imported by the test suite and usable by plug-in authors).
 
 ``make_store(path, ...)`` creates a real zarr store through :class:`FeatureStore` and fills it chunk by chunk
 with deterministic synthetic teacher-like tokens: a smooth random field over the token grid (neighbouring
@@ -31,7 +31,8 @@ def make_spec(n_images: int = 6, views: int = 2, dtype: str = "int8", chunk_imag
                      dtype=dtype, seed=seed, created=CREATED)
 
 
-def make_images(n_images: int) -> ImageTable:
+def make_image_table(n_images: int) -> ImageTable:
+    """An ImageTable of ``n_images`` pending rows with made-up paths, hashes, sizes 32x40 and labels 0..2."""
     return ImageTable(
         path=[f"img_{i:04d}.png" for i in range(n_images)],
         hash=[f"{i:032x}" for i in range(n_images)],
@@ -78,7 +79,7 @@ def make_store(path, n_images: int = 6, views: int = 2, dtype: str = "int8", chu
                skipped: tuple[int, ...] = ()) -> FeatureStore:
     """Create and fill a store at ``path``; ``complete=False`` leaves the last chunk unwritten."""
     spec = make_spec(n_images, views, dtype, chunk_images, T, D, seed)
-    store = FeatureStore.create(Path(path), spec, make_images(n_images), compression=compression)
+    store = FeatureStore.create(Path(path), spec, make_image_table(n_images), compression=compression)
     last = store.n_chunks - (0 if complete else 1)
     for c in range(last):
         store.write_chunk(c, *make_chunk(spec, c, seed, skipped))

@@ -5,7 +5,7 @@ Two uses:
 - :func:`launch` runs ``python -m torch.distributed.run --standalone --nproc_per_node N -m MODULE ARGS`` (or plain
   ``python -m MODULE`` for ``nproc=0``) in its own session with ``OMP_NUM_THREADS=1``, kills the whole process
   group on timeout, and returns the ``CompletedProcess``.
-- ``python -m tests._ddp_helpers ROWS_DIR train ...`` is ``python -m morphcache train ...`` with one addition: the
+- ``python -m morphcache.testing.ddp ROWS_DIR train ...`` is ``python -m morphcache train ...`` with one addition: the
   training loader returned by ``morphcache.train.torch_loader.make_loader`` (both the DALI and the torch loader go
   through it) is wrapped so that every micro-batch the training loop takes appends its store rows as one JSON list
   line to ``ROWS_DIR/rank{RANK}.jsonl``. Line ``i`` is the ``i``-th micro-batch consumed by that rank.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout holding this copy of morphcache
 #: torchrun variables that must not leak from the calling environment into a launch.
 _DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
