@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _image_files import EXPECTED, write_image_zoo
+from morphcache.testing.images import EXPECTED, write_image_zoo
 from morphcache.cli import main
 from morphcache.store.image_table import STATUS_CORRUPT, STATUS_OK
 

@@ -2,7 +2,7 @@
 
 Evaluation's ``folder:DIR`` dataset and extraction's manifest both list folders with
 ``extract.folders.walk_image_folder`` and decode with ``extract.images.load_canonical_bytes``; these tests check
-that over every kind of file extraction's tests cover (tests/_image_files.py's zoo), hidden and AppleDouble
+that over every kind of file extraction's tests cover (morphcache/testing/images.py's zoo), hidden and AppleDouble
 files, notebook checkpoints, symbolic links and an EXIF-rotated JPEG.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _image_files import EXPECTED, encode, image_zoo_files, picture
+from morphcache.testing.images import EXPECTED, encode, image_zoo_files, picture
 from morphcache.errors import MorphcacheError
 from morphcache.evaluate.datasets import load_dataset
 from morphcache.extract.folders import (
