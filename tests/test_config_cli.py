@@ -3,7 +3,6 @@ one-line errors naming the field."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 

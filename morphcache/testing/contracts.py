@@ -69,5 +69,5 @@ class TeacherContract:
 
     def test_wrong_input_size_is_a_one_line_error(self, teacher):
         s = teacher.spec.image_size
-        with pytest.raises(ConfigError, match=f"expects images of shape"):
+        with pytest.raises(ConfigError, match="expects images of shape"):
             teacher.forward_tokens(torch.zeros(1, 3, s + teacher.spec.patch_size, s + teacher.spec.patch_size))
