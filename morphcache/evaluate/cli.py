@@ -188,10 +188,10 @@ def segment_command(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    data = load_seg_dataset(dataset)  # before the model: a wrong folder fails fast
-    backbone = load_backbone(checkpoint, img_size)
     cfg = SegProbeConfig(layers=layers, batchnorm=batchnorm, epochs=epochs, batch_size=batch_size, lr=lr,
                          label_size=label_size, seed=seed, n_examples=examples)
+    data = load_seg_dataset(dataset)  # before the model: a wrong option or folder fails fast
+    backbone = load_backbone(checkpoint, img_size)
     row, shown = segmentation_evaluate(backbone, data, cfg, batch_size, precision)
     path = results or default_results_path(checkpoint)
     if examples > 0:

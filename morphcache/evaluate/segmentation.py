@@ -56,6 +56,17 @@ class SegProbeConfig:
     seed: int = 0
     n_examples: int = 4
 
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise ConfigError(f"--layers must be at least 1, got {self.layers}")
+        if self.label_size is not None and self.label_size <= 0:
+            raise ConfigError(f"--label-size must be positive, got {self.label_size}")
+        if self.n_examples < 0:
+            raise ConfigError(f"--examples must be 0 or more, got {self.n_examples}")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ConfigError(f"the segmentation probe needs positive --epochs, --batch-size and --lr, got "
+                              f"{self.epochs}, {self.batch_size} and {self.lr}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -138,19 +149,20 @@ class SplitFeatures:
 @torch.no_grad()
 def extract_split(backbone, samples: list[SegSample], dataset: SegDataset, layers: int, label_size: int,
                   batch_size: int = 16, precision: str = "fp32", device: str = "cpu", keep_images: int = 0,
-                  description: str = "tokens") -> SplitFeatures:
-    """Decode, resize and encode ``samples`` batch by batch (only one batch of pixels in memory at a time)."""
+                  split: str = "train") -> SplitFeatures:
+    """Decode, resize and encode ``samples`` (the ``split`` of ``dataset``) batch by batch: only one batch of
+    pixels is in memory at a time."""
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if not samples:
-        raise MorphcacheError(f"{dataset.name}: the {description} split is empty")
+        raise MorphcacheError(f"{dataset.name}: the {split} split holds no image; check the dataset folder")
     fits8 = max(dataset.n_classes - 1, dataset.ignore_index) <= 255
     label_dtype = torch.uint8 if fits8 else torch.int16
     if max(dataset.n_classes - 1, dataset.ignore_index) > 32767:
         raise ConfigError(f"ignore index {dataset.ignore_index} does not fit int16; use a value below 32768")
     backbone.eval()
     tokens, labels, kept = [], [], []
-    with progress_bar(total=len(samples), description=description, unit="img") as bar:
+    with progress_bar(total=len(samples), description=f"tokens {split}", unit="img") as bar:
         for start in range(0, len(samples), batch_size):
             pairs = [load_pair(s, dataset, backbone.img_size, label_size) for s in samples[start:start + batch_size]]
             images = np.stack([p[0] for p in pairs])
@@ -172,8 +184,6 @@ def train_segmentation_probe(tokens: torch.Tensor, labels: torch.Tensor, n_class
                              device: str = "cpu") -> tuple[SegmentationProbe, list[float]]:
     """Train the probe on cached ``tokens (N, T, D)`` and ``labels (N, L, L)``; returns (probe in eval mode, mean
     loss per epoch). The last partial batch of an epoch is dropped (BatchNorm statistics)."""
-    if config.epochs <= 0 or config.batch_size <= 0 or config.lr <= 0:
-        raise ConfigError(f"segmentation probe needs positive epochs, batch size and lr, got {config}")
     if len(tokens) != len(labels) or len(tokens) < 1:
         raise ConfigError(f"segmentation probe needs images with one label map each, got {len(tokens)} and "
                           f"{len(labels)}")
@@ -239,16 +249,12 @@ def segmentation_evaluate(backbone, dataset: SegDataset, config: SegProbeConfig 
     ``ignore_index`` for the report's figure. ``batch_size`` (default ``config.batch_size``) is the feature
     extraction batch."""
     start = time.perf_counter()
-    label_size = config.label_size or backbone.img_size
-    if label_size <= 0:
-        raise ConfigError(f"--label-size must be positive, got {label_size}")
-    if config.layers < 1:
-        raise ConfigError(f"--layers must be at least 1, got {config.layers}")
+    label_size = backbone.img_size if config.label_size is None else config.label_size
     bs = batch_size or config.batch_size
     train = extract_split(backbone, dataset.train, dataset, config.layers, label_size, bs, precision, device,
-                          description="tokens train")
+                          split="train")
     val = extract_split(backbone, dataset.val, dataset, config.layers, label_size, bs, precision, device,
-                        keep_images=config.n_examples, description="tokens val")
+                        keep_images=config.n_examples, split="val")
     probe, losses = train_segmentation_probe(train.tokens, train.labels, dataset.n_classes, dataset.ignore_index,
                                              config, device)
     cm, preds = evaluate_probe(probe, val.tokens, val.labels, dataset.n_classes, dataset.ignore_index,
