@@ -68,6 +68,29 @@ class Backbone(nn.Module):
         """Patch tokens ``float (B, T, D)`` of normalized images ``x (B, 3, S, S)`` (no CLS / register tokens)."""
         return self._split(x)[1]
 
+    def layer_tokens(self, x: torch.Tensor, n_layers: int = 1) -> torch.Tensor:
+        """Patch tokens of the last ``n_layers`` blocks, concatenated on the channel axis: ``float
+        (B, T, n_layers * D)`` for normalized ``x (B, 3, S, S)``, last block last. Each block's output goes through
+        the model's final norm (DINOv2's multi-layer linear probe, ``forward_intermediates(norm=True)`` in timm,
+        ``normalize_intermediates`` in open_clip, whose intermediate tokens are never projected). ``n_layers = 1``
+        is :meth:`tokens`. Raises :class:`ConfigError` for a count outside ``1..depth``."""
+        if n_layers == 1:
+            return self.tokens(x)
+        module = self.module
+        blocks = getattr(module, "blocks", None) or getattr(getattr(module, "transformer", None), "resblocks", None)
+        if blocks is None or not hasattr(module, "forward_intermediates"):
+            raise ConfigError(f"backbone {self.spec} cannot return intermediate blocks; use --layers 1")
+        if not 1 <= n_layers <= len(blocks):
+            raise ConfigError(f"--layers {n_layers} is outside 1..{len(blocks)} (the blocks of {self.spec})")
+        x = x.to(next(module.parameters()).device)
+        if hasattr(module, "ln_post"):  # open_clip VisionTransformer
+            out = module.forward_intermediates(x, indices=n_layers, normalize_intermediates=True,
+                                               intermediates_only=True, output_fmt="NLC")["image_intermediates"]
+        else:  # timm ViT: prefix (CLS / register) tokens are dropped for NLC output
+            out = module.forward_intermediates(x, indices=n_layers, norm=True, output_fmt="NLC",
+                                               intermediates_only=True)
+        return torch.cat(list(out), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``float (B, F)`` of ``x (B, 3, S, S)``; differentiable (used by fine-tuning)."""
         cls, tokens = self._split(x)

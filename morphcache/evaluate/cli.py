@@ -1,4 +1,4 @@
-"""``morphcache eval knn|linear|finetune|transfer`` and ``morphcache report``.
+"""``morphcache eval knn|linear|frozen|finetune|transfer|segment`` and ``morphcache report``.
 
 Each eval command loads a backbone (``--checkpoint``: a training checkpoint, ``teacher:NAME`` or
 ``random:MODEL``) and a dataset SPEC, runs the protocol, appends one JSON line per result to ``--results``
@@ -159,6 +159,47 @@ def transfer_command(
     names = [p.strip() for p in protocols.split(",") if p.strip()]
     return _run(names, checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, to=to,
                 include_source=source, finetune=FinetuneConfig(max_steps=max_steps, precision=precision))
+
+
+@eval_app.command("segment")
+def segment_command(
+    checkpoint: Annotated[str, _CKPT],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="ade20k:DIR | seg-folder:DIR, optionally "
+                                         "?train=N&test=M&seed=S (seg-folder also &ignore=I)")],
+    results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
+    batch_size: Annotated[int, _BATCH] = 16, precision: Annotated[str, _PREC] = "fp32",
+    threads: Annotated[int, _THREADS] = 0,
+    layers: Annotated[int, typer.Option(help="concatenate the patch tokens of the last N blocks")] = 1,
+    batchnorm: Annotated[bool, typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm before the head")] = True,
+    label_size: Annotated[Optional[int], typer.Option(help="side of the label maps scored (default: --img-size)")]
+    = None,
+    epochs: Annotated[int, typer.Option(help="probe epochs over the cached tokens")] = 20,
+    lr: Annotated[float, typer.Option(help="probe learning rate (AdamW, cosine)")] = 1e-3,
+    examples: Annotated[int, typer.Option(help="validation images kept for the report's figure")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> int:
+    """Linear segmentation probe on frozen patch tokens (resized evaluation): mIoU, pixel accuracy, per-class IoU."""
+    import torch
+
+    from morphcache.evaluate.backbones import load_backbone
+    from morphcache.evaluate.results import append_result, format_row
+    from morphcache.evaluate.seg_datasets import load_seg_dataset
+    from morphcache.evaluate.segmentation import SegProbeConfig, save_examples, segmentation_evaluate
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = SegProbeConfig(layers=layers, batchnorm=batchnorm, epochs=epochs, batch_size=batch_size, lr=lr,
+                         label_size=label_size, seed=seed, n_examples=examples)
+    data = load_seg_dataset(dataset)  # before the model: a wrong option or folder fails fast
+    backbone = load_backbone(checkpoint, img_size)
+    row, shown = segmentation_evaluate(backbone, data, cfg, batch_size, precision)
+    path = results or default_results_path(checkpoint)
+    if examples > 0:
+        save_examples(path, row, shown)
+    append_result(path, row)
+    typer.echo(format_row(row))
+    typer.echo(f"appended 1 row to {path}")
+    return 0
 
 
 def report_command(

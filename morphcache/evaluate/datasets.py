@@ -21,6 +21,7 @@ import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -31,7 +32,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-_QUERY_KEYS = {"train", "test", "seed"}
+_QUERY_KEYS = ("train", "test", "seed")
 
 
 @dataclass
@@ -267,20 +268,23 @@ def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int |
     return out[0], out[1], tuple(classes), skipped
 
 
-def parse_dataset_spec(spec: str) -> tuple[str, str | None, dict[str, int]]:
-    """``'fashion-mnist:/d?train=10'`` -> ``('fashion-mnist', '/d', {'train': 10})``."""
+def parse_dataset_spec(spec: str, keys: Collection[str] = _QUERY_KEYS) -> tuple[str, str | None, dict[str, int]]:
+    """``'fashion-mnist:/d?train=10'`` -> ``('fashion-mnist', '/d', {'train': 10})``. ``keys``: the integer query
+    options allowed (``train`` and ``test`` must be positive, any other key non-negative)."""
     base, _, query = spec.partition("?")
     kind, sep, arg = base.partition(":")
     params: dict[str, int] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in _QUERY_KEYS:
-            raise MorphcacheError(f"dataset spec {spec!r}: unknown option {key!r}; use train=N, test=M, seed=S")
+        if key not in keys:
+            raise MorphcacheError(f"dataset spec {spec!r}: unknown option {key!r}; use "
+                                  + ", ".join(f"{k}=N" for k in keys))
         try:
             params[key] = int(value)
         except ValueError:
             raise MorphcacheError(f"dataset spec {spec!r}: {key}={value!r} is not an integer") from None
-        if params[key] < (0 if key == "seed" else 1):
-            raise MorphcacheError(f"dataset spec {spec!r}: {key} must be positive")
+        least = 1 if key in ("train", "test") else 0
+        if params[key] < least:
+            raise MorphcacheError(f"dataset spec {spec!r}: {key} must be {'positive' if least else 'non-negative'}")
     return kind.strip().lower(), (arg if sep else None), params
 
 

@@ -39,6 +39,15 @@ def make_probe(in_features: int, n_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(in_features, affine=False, eps=1e-6), head)
 
 
+def make_optimizer(params, optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum 0.9, for a probe's parameters; :class:`ConfigError` for another name."""
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {optimizer!r}; use adamw or sgd")
+
+
 def train_linear_probe(features: torch.Tensor, labels, n_classes: int,
                        config: LinearProbeConfig = LinearProbeConfig()) -> tuple[nn.Sequential, list[float]]:
     """Train a probe on ``features (N, F)`` and ``labels int (N,)``; returns (probe in eval mode, epoch losses)."""
@@ -51,12 +60,7 @@ def train_linear_probe(features: torch.Tensor, labels, n_classes: int,
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     probe = make_probe(x.shape[1], n_classes)
-    if config.optimizer == "adamw":
-        opt = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    elif config.optimizer == "sgd":
-        opt = torch.optim.SGD(probe.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    else:
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use adamw or sgd")
+    opt = make_optimizer(probe.parameters(), config.optimizer, config.lr, config.weight_decay)
     batch = min(config.batch_size, len(x))
     steps_per_epoch = max(1, len(x) // batch)  # drop the last partial batch (BatchNorm needs > 1 sample)
     total = steps_per_epoch * config.epochs

@@ -4,7 +4,10 @@ Per run directory (each piece is optional; a missing one is noted, never fatal):
 
 - ``metrics.jsonl`` (lines with ``step``, ``loss``, optionally ``lr``, ``epoch``) -> ``loss_curves.png``;
 - ``eval.jsonl`` (rows from :mod:`morphcache.evaluate.results`), plus any extra results files -> an accuracy
-  table (latest top-1 per backbone x protocol x dataset) and ``accuracy.png``;
+  table (latest top-1 per backbone x protocol x dataset; mIoU for ``segment`` rows, in columns of their own
+  beside k-NN and linear) and ``accuracy.png``;
+- ``segment`` rows with saved examples (:func:`morphcache.evaluate.segmentation.save_examples`) ->
+  ``segment_<backbone>__<dataset>.png``: a few validation images, their ground truth and the probe's prediction;
 - ``config.json`` naming a ``store`` plus a checkpoint (``*.pt``) in the run directory -> ``tokens_<run>.png``:
   for the first few images, view 0 rendered by the training renderer (exactly the pixels the student trained on),
   the teacher's cached tokens and the student's tokens of that view, each mapped to RGB by their first 3 principal
@@ -14,6 +17,7 @@ Per run directory (each piece is optional; a missing one is noted, never fatal):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -72,18 +76,30 @@ def plot_loss_curves(curves: dict[str, list[dict]], out: Path) -> Path | None:
     return out
 
 
+def _score(row: dict) -> tuple[str, object]:
+    """(metric name, value) shown for a row: ``miou`` for segment rows, ``top1`` otherwise."""
+    key = "miou" if row.get("protocol") == "segment" else "top1"
+    return key, (row.get("metrics") or {}).get(key)
+
+
+def _row_label(row: dict) -> str:
+    return f"{row['_run']}: {row.get('backbone')}" if row.get("_run") else str(row.get("backbone"))
+
+
 def accuracy_table(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
-    """(row labels, column labels, {(row, col): top1}) keeping the latest row per cell. Row label: ``run`` (when
-    the row came from a run directory) and backbone; column: ``protocol dataset[ <- source]``."""
+    """(row labels, column labels, {(row, col): top1 or mIoU}) keeping the latest row per cell. Row label: ``run``
+    (when the row came from a run directory) and backbone; column: ``protocol dataset[ <- source]``, with
+    `` (mIoU)`` appended for segment rows."""
     cells: dict[tuple[str, str], tuple[str, float]] = {}
     row_labels: list[str] = []
     col_labels: list[str] = []
     for r in rows:
-        top1 = (r.get("metrics") or {}).get("top1")
+        key, top1 = _score(r)
         if not isinstance(top1, (int, float)) or "protocol" not in r:
             continue
-        name = f"{r['_run']}: {r.get('backbone')}" if r.get("_run") else str(r.get("backbone"))
+        name = _row_label(r)
         col = f"{r['protocol']} {r.get('dataset')}" + (f" <- {r['transfer_from']}" if r.get("transfer_from") else "")
+        col += " (mIoU)" if key == "miou" else ""
         stamp = str(r.get("timestamp", ""))
         if (name, col) not in cells or stamp >= cells[(name, col)][0]:
             cells[(name, col)] = (stamp, float(top1))
@@ -109,7 +125,7 @@ def plot_accuracy(row_labels, col_labels, cells, out: Path) -> Path:
         vals = [cells.get((r, c), np.nan) for c in col_labels]
         ax.bar(x + (i - (len(row_labels) - 1) / 2) * width, vals, width, label=r)
     ax.set_xticks(x, col_labels, rotation=15, ha="right", fontsize=8)
-    ax.set(ylabel="top-1 accuracy (%)", ylim=(0, 100), title="evaluation")
+    ax.set(ylabel="top-1 accuracy / mIoU (%)", ylim=(0, 100), title="evaluation")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -127,6 +143,78 @@ def pca_grid_rgb(tokens: np.ndarray) -> np.ndarray:
     if side * side != t:
         raise MorphcacheError(f"cannot draw {t} tokens as a square grid")
     return pca_rgb(tokens).reshape(n, side, side, 3)
+
+
+def class_colours(n_classes: int) -> np.ndarray:
+    """``float (n_classes, 3)`` in [0, 1]: matplotlib's tab10 / tab20 for up to 10 / 20 classes, else seeded random
+    colours."""
+    if n_classes <= 20:
+        import matplotlib
+
+        name = "tab10" if n_classes <= 10 else "tab20"
+        return np.asarray(matplotlib.colormaps[name].colors[:n_classes], dtype=np.float64)
+    return np.random.default_rng(0).uniform(0.1, 1.0, (n_classes, 3))
+
+
+def colour_labels(labels: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
+    """Label maps ``(..., H, W)`` -> RGB ``(..., H, W, 3)`` in [0, 1]; ignored pixels black."""
+    palette = np.concatenate([class_colours(n_classes), np.zeros((1, 3))])
+    idx = np.where((labels >= 0) & (labels < n_classes), labels, n_classes)
+    idx = np.where(labels == ignore_index, n_classes, idx)
+    return palette[idx]
+
+
+def segmentation_figure(row: dict, examples: dict, out: Path) -> Path:
+    """One row per kept validation image: image | ground truth | prediction (ignored pixels black), plus a legend
+    of the classes that appear."""
+    plt = _plt()
+    images, labels, preds = examples["images"], examples["labels"], examples["preds"]
+    classes, ignore = [str(c) for c in examples["classes"]], int(examples["ignore_index"])
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.6), squeeze=False)
+    for i in range(n):
+        for col, arr in enumerate((images[i], colour_labels(labels[i], len(classes), ignore),
+                                   colour_labels(preds[i], len(classes), ignore))):
+            axes[i, col].imshow(arr, interpolation="nearest")
+            axes[i, col].axis("off")
+    for col, title in enumerate(("image", "ground truth", "prediction")):
+        axes[0, col].set_title(title, fontsize=9)
+    present = sorted(set(np.unique(labels).tolist()) | set(np.unique(preds).tolist()))
+    present = [c for c in present if 0 <= c < len(classes)][:20]
+    colours = class_colours(len(classes))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in present]
+    fig.legend(handles, [classes[c] for c in present], loc="lower center", ncol=min(5, max(1, len(present))),
+               fontsize=7, frameon=False)
+    miou = (row.get("metrics") or {}).get("miou")
+    fig.suptitle(f"{_row_label(row)} on {row.get('dataset')}" + (f": mIoU {miou:.1f}" if miou is not None else ""),
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def segmentation_section(rows: list[dict], out_dir: Path) -> list[str]:
+    """Markdown lines with one figure per (model, dataset) of the latest segment rows that saved examples."""
+    from morphcache.evaluate.segmentation import load_examples
+
+    latest: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if r.get("protocol") == "segment" and r.get("examples") and r.get("_dir") is not None:
+            key = (_row_label(r), str(r.get("dataset")))
+            if key not in latest or str(r.get("timestamp", "")) >= str(latest[key].get("timestamp", "")):
+                latest[key] = r
+    lines: list[str] = []
+    for (label, dataset), r in latest.items():
+        path = Path(r["_dir"]) / r["examples"]
+        name = "segment_" + re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}__{dataset}").strip("_")[:120] + ".png"
+        try:
+            png = segmentation_figure(r, load_examples(path), out_dir / name)
+        except (OSError, KeyError, ValueError) as exc:
+            lines.append(f"- {label} on {dataset}: figure skipped ({' '.join(str(exc).split())})")
+            continue
+        lines += [f"![segmentation {label} {dataset}]({png.name})", ""]
+    return lines
 
 
 def _find_checkpoint(run_dir: Path) -> Path | None:
@@ -207,18 +295,23 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
                          f"last loss {rows[-1]['loss']:.4f}")
     lines.append("")
 
-    lines += ["## Accuracy (top-1 %)", ""]
-    rows = [dict(r, _run=labels[d]) for d in run_dirs for r in read_results(d / "eval.jsonl")]
+    lines += ["## Accuracy (top-1 %; mIoU % for segment)", ""]
+    rows = [dict(r, _run=labels[d], _dir=d) for d in run_dirs for r in read_results(d / "eval.jsonl")]
     for f in results_files:
         if not Path(f).is_file():
             raise MorphcacheError(f"results file {f} does not exist; pass a file written by morphcache eval")
-        rows += [_attach_run(r, labels) for r in read_results(f)]
+        rows += [_attach_run(dict(r, _dir=Path(f).parent), labels) for r in read_results(f)]
     row_labels, col_labels, cells = accuracy_table(rows)
     if cells:
         lines += [markdown_table(row_labels, col_labels, cells), ""]
         lines += [f"![accuracy]({plot_accuracy(row_labels, col_labels, cells, out_dir / 'accuracy.png').name})", ""]
     else:
         lines += ["No evaluation rows (eval.jsonl) found.", ""]
+    seg_lines = segmentation_section(rows, out_dir)
+    if seg_lines:
+        lines += ["## Semantic segmentation (linear probe)", "",
+                  "Validation images resized as the probe saw them, ground truth and prediction (ignored pixels "
+                  "black).", ""] + seg_lines
 
     lines += ["## Token PCA maps", ""]
     for d in run_dirs:

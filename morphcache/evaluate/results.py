@@ -1,9 +1,10 @@
 """Run evaluation protocols and record each result as one JSON line.
 
-A row: ``protocol`` (knn / linear / finetune), ``dataset`` (the SPEC), ``backbone`` (the SPEC) and
-``backbone_info``, ``config`` (protocol settings plus image size, pooling, split sizes), ``metrics`` (percent
-``top1``, ``top5``...), optional ``transfer_from``, ``seconds``, ``timestamp`` (UTC ISO) and
-``morphcache_version``. Files are appended to, never rewritten.
+A row: ``protocol`` (knn / linear / finetune, or ``segment`` from :mod:`morphcache.evaluate.segmentation`),
+``dataset`` (the SPEC), ``backbone`` (the SPEC) and ``backbone_info``, ``config`` (protocol settings plus image
+size, pooling, split sizes), ``metrics`` (percent ``top1``, ``top5``...; ``miou``, ``pixel_acc``... for segment),
+optional ``transfer_from``, ``seconds``, ``timestamp`` (UTC ISO) and ``morphcache_version``. Files are appended
+to, never rewritten.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def run_protocols(protocols: Iterable[str], backbone, data, settings: EvalSettin
 def format_row(row: dict) -> str:
     """One line for the terminal: ``knn digits random:vit_tiny top1=42.00 top5=80.00``."""
     metrics = row.get("metrics", {})
-    shown = " ".join(f"{k}={metrics[k]:.2f}" for k in ("top1", "top5") if isinstance(metrics.get(k), (int, float)))
+    shown = " ".join(f"{k}={metrics[k]:.2f}" for k in ("top1", "top5", "miou", "pixel_acc")
+                     if isinstance(metrics.get(k), (int, float)))
     via = f" (transfer from {row['transfer_from']})" if row.get("transfer_from") else ""
     return f"{row.get('protocol')} {row.get('dataset')}{via} {row.get('backbone')}: {shown}"

@@ -62,12 +62,14 @@ def normalize_extensions(extensions) -> frozenset[str]:
     return frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Dotfiles, AppleDouble ``._*`` files and hidden folders such as ``.ipynb_checkpoints`` are never data."""
     return name.startswith(".")
 
 
-def _is_image_name(name: str, extensions: frozenset[str]) -> bool:
-    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in extensions
+def is_image_name(name: str, extensions: frozenset[str]) -> bool:
+    """A visible file name with one of ``extensions`` (lower-case, with the dot)."""
+    return not is_hidden(name) and os.path.splitext(name)[1].lower() in extensions
 
 
 def _walk(folder: Path, prefix: str, extensions: frozenset[str], skipped: list[tuple[str, str]]) -> list[str]:
@@ -83,16 +85,16 @@ def _walk(folder: Path, prefix: str, extensions: frozenset[str], skipped: list[t
         rel = Path(dirpath).relative_to(folder).as_posix()
         base = prefix + ("" if rel == "." else rel + "/")
         for d in sorted(dirnames):
-            if _is_hidden(d):
+            if is_hidden(d):
                 skipped.append((base + d + "/", SKIP_HIDDEN))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         # os.walk lists a broken link among the files (and a link to a folder among the folders)
         for f in sorted(filenames):
-            if _is_hidden(f):
+            if is_hidden(f):
                 skipped.append((base + f, SKIP_HIDDEN))
             elif not os.path.exists(os.path.join(dirpath, f)):
                 skipped.append((base + f, SKIP_BROKEN_LINK))
-            elif _is_image_name(f, extensions):
+            elif is_image_name(f, extensions):
                 found.append(base + f)
             else:
                 skipped.append((base + f, SKIP_NOT_IMAGE_NAME))
@@ -102,7 +104,7 @@ def _walk(folder: Path, prefix: str, extensions: frozenset[str], skipped: list[t
 def holds_images_directly(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> bool:
     """True when ``root`` holds at least one (non-hidden) image file directly, i.e. is an unlabeled folder."""
     exts = normalize_extensions(extensions)
-    return any(_is_image_name(e.name, exts) and e.is_file() for e in os.scandir(root))
+    return any(is_image_name(e.name, exts) and e.is_file() for e in os.scandir(root))
 
 
 def walk_image_folder(
@@ -126,14 +128,14 @@ def walk_image_folder(
         return out
     subdirs: list[str] = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if _is_hidden(entry.name):
+        if is_hidden(entry.name):
             out.skipped.append((entry.name + ("/" if entry.is_dir() else ""), SKIP_HIDDEN))
         elif entry.is_dir():
             subdirs.append(entry.name)
         elif not os.path.exists(entry.path):
             out.skipped.append((entry.name, SKIP_BROKEN_LINK))
         else:
-            out.skipped.append((entry.name, SKIP_NOT_IMAGE_NAME if not _is_image_name(entry.name, exts)
+            out.skipped.append((entry.name, SKIP_NOT_IMAGE_NAME if not is_image_name(entry.name, exts)
                                 else SKIP_OUTSIDE_CLASS))
     per_class: dict[str, list[str]] = {}
     for name in subdirs:
