@@ -53,6 +53,7 @@ class ExtractOptions:
     dask: str | None = None
     dask_workers: int | None = None
     augment: object | None = None  # AugmentSpec; None = the default view distribution
+    renderer: str = "dali"  # dali (GPU decode on a CUDA teacher) | dali-cpu | pil
 
     def teacher_args(self) -> dict:
         return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projected,
@@ -114,12 +115,59 @@ def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None, w
     return load_teacher_from_spec(spec, device=device, precision=precision or spec.precision or "fp32")
 
 
-def make_renderer(teacher_spec, augment, batch_size: int, workers: int):
-    """The DALI renderer at the teacher's input size (one output), ``workers`` DALI threads."""
+#: ``--renderer`` values: ``dali`` renders on the teacher's device (nvJPEG decode, GPU resize and colour ops when the
+#: teacher runs on CUDA; CPU otherwise), ``dali-cpu`` always on the CPU, ``pil`` the PIL fallback (no DALI needed).
+RENDERERS = ("dali", "dali-cpu", "pil")
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def renderer_placement(renderer: str, device: str = "cpu") -> tuple[str, str]:
+    """(``"dali"`` | ``"pil"``, ``"cpu"`` | ``"gpu"``): which renderer runs where for ``--renderer`` on a teacher
+    ``device``. Raises ConfigError for an unknown name."""
+    if renderer not in RENDERERS:
+        raise ConfigError(f"--renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
+    if renderer == "pil":
+        return "pil", "cpu"
+    return "dali", ("gpu" if renderer == "dali" and str(device).startswith("cuda") else "cpu")
+
+
+def build_renderer(renderer: str, size: int, mean, std, interpolation: str, batch_size: int, workers: int,
+                   device: str = "cpu"):
+    """A renderer with ``render(encoded, params) -> [float32 (B, 3, size, size)]`` (on the GPU for DALI GPU),
+    ``workers`` CPU threads; see :data:`RENDERERS`."""
+    kind, where = renderer_placement(renderer, device)
+    if kind == "pil":
+        from morphcache.extract.render_pil import PilRenderer
+
+        return PilRenderer(size, mean=mean, std=std, interpolation=interpolation, num_threads=workers)
+    if not dali_available():
+        raise ConfigError(f"--renderer {renderer}: NVIDIA DALI is not installed here; install nvidia-dali-cuda130 "
+                          "or use --renderer pil")
     from morphcache.extract.render_dali import DaliRenderer
 
-    return DaliRenderer(sizes=(teacher_spec.image_size,), mean=teacher_spec.mean, std=teacher_spec.std,
-                        interpolation=augment.interpolation, batch_size=batch_size, num_threads=max(1, workers))
+    index = None
+    if where == "gpu":
+        import torch
+
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+    return DaliRenderer(sizes=(size,), mean=mean, std=std, interpolation=interpolation, batch_size=batch_size,
+                        num_threads=max(1, workers), device=where, device_id=index)
+
+
+def make_renderer(teacher_spec, augment, batch_size: int, workers: int, renderer: str = "dali", device: str = "cpu"):
+    """The extraction renderer at the teacher's input size (one output), ``workers`` CPU threads."""
+    return build_renderer(renderer, teacher_spec.image_size, teacher_spec.mean, teacher_spec.std,
+                          augment.interpolation, batch_size, workers, device)
 
 
 class ChunkExtractor:
@@ -128,20 +176,23 @@ class ChunkExtractor:
     Args:
         teacher: a loaded :class:`~morphcache.extract.teachers.Teacher`; its spec must equal the store's.
         batch_size: B, the fixed teacher batch.
-        workers: DALI CPU threads.
+        workers: render CPU threads; renderer: one of :data:`RENDERERS` (placed on the teacher's device).
     """
 
-    def __init__(self, teacher, batch_size: int, workers: int = 1) -> None:
+    def __init__(self, teacher, batch_size: int, workers: int = 1, renderer: str = "dali") -> None:
+        renderer_placement(renderer)
         self.teacher = teacher
         self.batch_size = int(batch_size)
         self.workers = int(workers)
+        self.renderer_name = renderer
         self._renderer: BatchRenderer | None = None
         self._renderer_key = None
 
     def renderer(self, spec) -> BatchRenderer:
         key = (spec.teacher.image_size, spec.teacher.mean, spec.teacher.std, spec.augment.interpolation)
         if self._renderer is None or self._renderer_key != key:
-            self._renderer = BatchRenderer(make_renderer(spec.teacher, spec.augment, self.batch_size, self.workers),
+            self._renderer = BatchRenderer(make_renderer(spec.teacher, spec.augment, self.batch_size, self.workers,
+                                                         self.renderer_name, str(self.teacher.device)),
                                            self.batch_size)
             self._renderer_key = key
         return self._renderer
@@ -274,6 +325,7 @@ def validate(opts: ExtractOptions) -> None:
         raise ConfigError(f"--on-bad-image {opts.on_bad_image!r}: use skip or fail")
     if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
         raise ConfigError(f"--device {opts.device!r}: use cpu or cuda")
+    renderer_placement(opts.renderer)
     if opts.shard is not None and (opts.dask is not None or opts.dask_workers is not None):
         raise ConfigError("--shard and --dask cannot be combined; use one way to split the work")
 
@@ -322,6 +374,12 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     from morphcache.progress import progress_bar
 
     validate(opts)
+    if opts.device == "cuda" and opts.shard is not None and "LOCAL_RANK" in os.environ:
+        from dataclasses import replace
+
+        from morphcache.device import local_rank_device
+
+        opts = replace(opts, device=local_rank_device())  # torchrun: one GPU per process
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     configure_threads(opts.device, opts.threads)
@@ -336,7 +394,7 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
             del teacher  # the workers load their own
             stats = distributed.run_dask(store, todo, opts)
         else:
-            extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers)
+            extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers, opts.renderer)
             with progress_bar(total=distributed.rows_in(store, todo), description="extract", unit="views") as bar:
                 # the manifest just written is the store's image table
                 stats = extractor.run(store, todo, images=table, on_bad_image=opts.on_bad_image, bar=bar)
