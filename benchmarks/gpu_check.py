@@ -248,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         record("tests_collect", res, pytest_summary(res["output"]))
         skip("tests", "dry run: collected only" if args.dry_run else "no CUDA device: the cuda tests would all skip")
     else:
-        res = run_limited([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *test_files],
-                          budget.limit(dict(PLAN)["tests"]), env)
+        import importlib.util
+
+        per_test = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []  # one hang, one test
+        res = run_limited([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *per_test,
+                           *test_files], budget.limit(dict(PLAN)["tests"]), env)
         record("tests", res, pytest_summary(res["output"]))
 
     # 4. benchmark parts, each in its own process

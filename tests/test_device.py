@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +134,87 @@ def test_gpu_cluster_pins_each_worker(tmp_path):
         assert sorted(seen.values()) == ["0", "1"]
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu_check.py
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_wheel(folder, name="mcdummy", version="0.1"):
+    """A minimal pure-Python wheel (pip installs it offline) whose module says where it was imported from."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{dist}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_gpu_check_stops_a_step_at_its_limit():
+    import sys
+
+    gc = _gpu_check()
+    res = gc.run_limited([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 2)
+    assert res["timed_out"] and res["rc"] is None and "started" in res["output"]
+    ok = gc.run_limited([sys.executable, "-c", "print('hi')"], 30)
+    assert ok["rc"] == 0 and not ok["timed_out"] and ok["output"].strip() == "hi"
+
+
+def test_gpu_check_refuses_two_versions_of_one_wheel(tmp_path):
+    gc = _gpu_check()
+    _tiny_wheel(tmp_path / "w", version="0.1")
+    _tiny_wheel(tmp_path / "w", version="0.2")
+    gc.IMPORTS = ["numpy"]
+    info = gc.check_wheels(tmp_path / "w")
+    assert list(info["duplicates"]) == ["mcdummy"]
+    assert gc.main(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "w"), "--skip-tests", "--parts", "",
+                    "--dry-run"]) == 1
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert "keep one version" in report["steps"]["install"]["error"]
+
+
+def test_gpu_check_installs_wheels_offline_and_skips_gpu_parts_without_cuda(tmp_path):
+    """The wheels install into a temp site (importable by the subprocesses) and the imports are checked; without
+    CUDA (as in CI) every benchmark part asked for is reported as skipped with the reason."""
+    gc = _gpu_check()
+    _tiny_wheel(tmp_path / "w")
+    gc.IMPORTS = ["numpy", "mcdummy"]  # what this machine's subprocess must import through the installed site
+    has_cuda = torch.cuda.is_available()
+    rc = gc.main(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "w"), "--skip-tests",
+                  "--parts", "" if has_cuda else "teacher,extract"])  # with a GPU this would run the benchmarks
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["steps"]["install"]["ok"] and report["steps"]["imports"]["ok"], report
+    assert (Path(report["steps"]["install"]["site"]) / "mcdummy" / "__init__.py").is_file()
+    if not has_cuda:
+        assert set(report["skipped"]) >= {"tests", "teacher", "extract"}
+        assert report["skipped"]["teacher"] == "no CUDA device"
+        assert rc == 0 and report["ok"]
+    assert (tmp_path / "out" / "gpu_check.log").read_text().count("=====") >= 4
+
+
+def test_gpu_check_dry_run_checks_wheels_for_the_device_platform(tmp_path):
+    gc = _gpu_check()
+    _tiny_wheel(tmp_path / "w")
+    gc.IMPORTS = ["numpy"]
+    assert gc.main(["--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "w"), "--skip-tests",
+                    "--parts", "teacher"]) == 0
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["steps"]["install_check"]["ok"]
+    assert report["skipped"]["install"].startswith("dry run") and report["skipped"]["teacher"] == "dry run"
+    assert report["steps"]["bench_teacher"]["would_run"][-1] == "teacher"
+    assert not (tmp_path / "out" / "site").exists()
