@@ -159,7 +159,7 @@ def jpeg_folder(n: int) -> Path:
     if n not in _DATA:
         base = Path(os.environ.get("MORPHCACHE_BENCH_TMP") or tempfile.mkdtemp(prefix="mc_gpu_"))
         folder = base / f"jpegs{n}" / "class0"
-        done = folder.parent / "complete"
+        done = base / f"jpegs{n}.complete"  # outside the dataset folder (the manifest would list it)
         if not done.exists():  # another part's process may have made them already
             make_jpegs(folder, n)
             done.write_text("ok\n")

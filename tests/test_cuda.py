@@ -256,3 +256,26 @@ def test_cuda_request_works_and_auto_resolves_to_cuda():
     assert resolve_device("cuda:0") == "cuda:0"
     assert resolve_precision("auto", "cuda") in ("bf16", "fp16")
     assert os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+def test_host_copies_overlap_and_land_in_order():
+    """Extraction's pinned side-stream copies: every batch's rows land in the chunk arrays exactly (the pinned
+    slots alternate, so a slot is reused only after its copy was written out)."""
+    from morphcache.extract.pipeline import HostCopies
+
+    copies = HostCopies("cuda")
+    tokens = np.zeros((40, 16, 8), np.float32)
+    pooled = np.zeros((40, 8), np.float32)
+    expect_t, expect_p = np.zeros_like(tokens), np.zeros_like(pooled)
+    busy = torch.randn(1024, 1024, device="cuda")
+    for b in range(5):
+        tok = torch.randn(8, 16, 8, device="cuda")
+        pool = torch.randn(8, 8, device="cuda")
+        busy = busy @ busy * 1e-3  # queued work after the batch, as the next forward would be
+        n = 8 if b < 4 else 5
+        rows = np.arange(b * 8, b * 8 + n)[::-1].copy()
+        expect_t[rows], expect_p[rows] = tok[:n].cpu().numpy(), pool[:n].cpu().numpy()
+        copies.put(tok, pool, n, tokens, pooled, rows)
+        del tok, pool  # their memory may be reused by the allocator only after the copy
+    copies.flush()
+    assert np.array_equal(tokens, expect_t) and np.array_equal(pooled, expect_p)

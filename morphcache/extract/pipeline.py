@@ -170,6 +170,67 @@ def make_renderer(teacher_spec, augment, batch_size: int, workers: int, renderer
                           augment.interpolation, batch_size, workers, device)
 
 
+class HostCopies:
+    """Moves teacher outputs into a chunk's host arrays without stalling a GPU teacher.
+
+    On CUDA each batch's tokens (B, T, D) and pooled (B, Dp) float32 are copied on a side stream into one of two
+    pinned buffer pairs (asynchronously, after the forward's kernels) and written into the chunk's arrays one batch
+    later, while the next forward runs; :meth:`flush` finishes the last one (call it before the chunk is used). On
+    CPU the copy is immediate. The values are the same either way (a float32 copy).
+    """
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self._stream = torch.cuda.Stream(device=torch.device(device)) if self.cuda else None
+        self._slots: list = [None, None]
+        self._next = 0
+        self._pending = None
+
+    def _slot(self, tok, pool):
+        import torch
+
+        k, self._next = self._next, 1 - self._next
+        slot = self._slots[k]
+        if slot is None or slot[0].shape != tok.shape or slot[1].shape != pool.shape:
+            slot = self._slots[k] = (torch.empty(tok.shape, dtype=torch.float32, pin_memory=True),
+                                     torch.empty(pool.shape, dtype=torch.float32, pin_memory=True))
+        return slot
+
+    def put(self, tok, pool, n: int, tokens: np.ndarray, pooled: np.ndarray, rows) -> None:
+        """Write the first ``n`` rows of ``tok`` / ``pool`` into ``tokens[rows]`` / ``pooled[rows]`` (on CUDA: by
+        the next :meth:`put` or :meth:`flush`)."""
+        if not self.cuda:
+            tokens[rows] = tok[:n].cpu().numpy()
+            pooled[rows] = pool[:n].cpu().numpy()
+            return
+        import torch
+
+        slot = self._slot(tok, pool)
+        ready = torch.cuda.Event()
+        ready.record()  # after the forward's kernels on the current stream
+        self._stream.wait_event(ready)
+        with torch.cuda.stream(self._stream):
+            slot[0].copy_(tok, non_blocking=True)
+            slot[1].copy_(pool, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        tok.record_stream(self._stream)  # the allocator must not reuse their memory before the copy ran
+        pool.record_stream(self._stream)
+        self.flush()
+        self._pending = (copied, slot, n, tokens, pooled, rows)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        copied, slot, n, tokens, pooled, rows = self._pending
+        self._pending = None
+        copied.synchronize()
+        tokens[rows] = slot[0][:n].numpy()
+        pooled[rows] = slot[1][:n].numpy()
+
+
 class ChunkExtractor:
     """Runs the overlapped pipeline over chunks of one store with one loaded teacher and renderer.
 
@@ -212,6 +273,7 @@ class ChunkExtractor:
         t0 = time.perf_counter()
         T, D, Dp = spec.n_tokens, spec.dim, spec.teacher.pooled_dim
         stage = RenderStage(source, self.renderer(spec), chunks)
+        copies = HostCopies(self.teacher.device)
         with AsyncWriter(store, max_pending=2) as writer:
             tokens = pooled = None
             for kind, item in stage:
@@ -221,12 +283,12 @@ class ChunkExtractor:
                 elif kind == "batch":
                     n = len(item.rows)
                     tok, pool = self.teacher.forward_tokens(item.images)  # (B, T, D), (B, Dp)
-                    tokens[item.rows] = tok[:n].cpu().numpy()
-                    pooled[item.rows] = pool[:n].cpu().numpy()
+                    copies.put(tok, pool, n, tokens, pooled, item.rows)
                     stats.views += n
                     if bar is not None:
                         bar.advance(n)
                 else:  # "end": the plan is final
+                    copies.flush()
                     plan = item
                     bad_rows = np.repeat(plan.status != 0, spec.views_per_image)
                     tokens[bad_rows] = 0
