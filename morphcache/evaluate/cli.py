@@ -21,7 +21,8 @@ _DATA = typer.Option("--dataset", "-d", help="fashion-mnist[:DIR] | digits | cif
 _RESULTS = typer.Option("--results", help="JSON-lines file to append to (default: RUN_DIR/eval.jsonl)")
 _SIZE = typer.Option("--img-size", help="input side in pixels (default: the model's)")
 _BATCH = typer.Option("--batch-size", help="images per forward pass")
-_PREC = typer.Option("--precision", help="fp32 or bf16 (autocast)")
+_PREC = typer.Option("--precision", help="auto (bf16 on a GPU that has it, fp32 on CPU), fp32 or bf16 (autocast)")
+_DEVICE = typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
 _POOL = typer.Option("--pooling", help="cls, mean or cls+mean")
 _THREADS = typer.Option("--threads", help="torch CPU threads (0 = torch default)")
 
@@ -41,8 +42,12 @@ def default_results_path(spec: str) -> Path:
 
 def _run(protocols: list[str], checkpoint: str, dataset: str, results: Optional[Path], img_size: Optional[int],
          batch_size: int, precision: str, pooling: str, threads: int, to: Optional[str] = None,
-         include_source: bool = True, **configs) -> int:
+         include_source: bool = True, device: str = "auto", **configs) -> int:
+    import dataclasses
+
     import torch
+
+    from morphcache.device import describe, resolve_device, resolve_precision
 
     from morphcache.evaluate.backbones import load_backbone
     from morphcache.evaluate.datasets import load_dataset
@@ -51,8 +56,13 @@ def _run(protocols: list[str], checkpoint: str, dataset: str, results: Optional[
 
     if threads > 0:
         torch.set_num_threads(threads)
-    backbone = load_backbone(checkpoint, img_size, pooling)
-    settings = EvalSettings(batch_size=batch_size, precision=precision, **configs)
+    chosen_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, chosen_device, allowed=("fp32", "bf16"))
+    typer.echo(f"eval: {describe(chosen_device, chosen_precision, device, precision)}")
+    if "finetune" in configs:
+        configs["finetune"] = dataclasses.replace(configs["finetune"], precision=chosen_precision)
+    backbone = load_backbone(checkpoint, img_size, pooling).to(chosen_device)
+    settings = EvalSettings(batch_size=batch_size, precision=chosen_precision, device=chosen_device, **configs)
     if to is None:
         rows = run_protocols(protocols, backbone, load_dataset(dataset, backbone.img_size), settings)
     else:
@@ -69,7 +79,7 @@ def _run(protocols: list[str], checkpoint: str, dataset: str, results: Optional[
 def knn_command(
     checkpoint: Annotated[str, _CKPT], dataset: Annotated[str, _DATA],
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "fp32",
+    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "auto", device: Annotated[str, _DEVICE] = "auto",
     pooling: Annotated[str, _POOL] = "cls+mean", threads: Annotated[int, _THREADS] = 0,
     k: Annotated[int, typer.Option(help="neighbours")] = 20,
     temperature: Annotated[float, typer.Option(help="vote weight exp(sim / T)")] = 0.07,
@@ -77,7 +87,7 @@ def knn_command(
     """Weighted k-NN on frozen features (cosine, k 20, T 0.07)."""
     from morphcache.evaluate.knn import KnnConfig
 
-    return _run(["knn"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads,
+    return _run(["knn"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, device=device,
                 knn=KnnConfig(k=k, temperature=temperature))
 
 
@@ -85,7 +95,7 @@ def knn_command(
 def linear_command(
     checkpoint: Annotated[str, _CKPT], dataset: Annotated[str, _DATA],
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "fp32",
+    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "auto", device: Annotated[str, _DEVICE] = "auto",
     pooling: Annotated[str, _POOL] = "cls+mean", threads: Annotated[int, _THREADS] = 0,
     epochs: Annotated[int, typer.Option(help="probe epochs over the cached features")] = 50,
     lr: Annotated[float, typer.Option(help="probe learning rate")] = 3e-3,
@@ -95,7 +105,7 @@ def linear_command(
     """Linear probe on frozen features (BatchNorm without affine + linear, as MAE)."""
     from morphcache.evaluate.linear_probe import LinearProbeConfig
 
-    return _run(["linear"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads,
+    return _run(["linear"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, device=device,
                 linear=LinearProbeConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed))
 
 
@@ -103,7 +113,7 @@ def linear_command(
 def frozen_command(
     checkpoint: Annotated[str, _CKPT], dataset: Annotated[str, _DATA],
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "fp32",
+    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "auto", device: Annotated[str, _DEVICE] = "auto",
     pooling: Annotated[str, _POOL] = "cls+mean", threads: Annotated[int, _THREADS] = 0,
     k: Annotated[int, typer.Option(help="k-NN neighbours")] = 20,
     temperature: Annotated[float, typer.Option(help="k-NN vote weight exp(sim / T)")] = 0.07,
@@ -115,7 +125,7 @@ def frozen_command(
     from morphcache.evaluate.knn import KnnConfig
     from morphcache.evaluate.linear_probe import LinearProbeConfig
 
-    return _run(["knn", "linear"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads,
+    return _run(["knn", "linear"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, device=device,
                 knn=KnnConfig(k=k, temperature=temperature), linear=LinearProbeConfig(epochs=epochs, lr=lr, seed=seed))
 
 
@@ -123,7 +133,7 @@ def frozen_command(
 def finetune_command(
     checkpoint: Annotated[str, _CKPT], dataset: Annotated[str, _DATA],
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 32, precision: Annotated[str, _PREC] = "fp32",
+    batch_size: Annotated[int, _BATCH] = 32, precision: Annotated[str, _PREC] = "auto", device: Annotated[str, _DEVICE] = "auto",
     pooling: Annotated[str, _POOL] = "mean", threads: Annotated[int, _THREADS] = 0,
     epochs: Annotated[int, typer.Option()] = 1,
     lr: Annotated[float, typer.Option(help="peak learning rate of the head; block i gets lr * decay^(L+1-i)")] = 5e-4,
@@ -138,7 +148,7 @@ def finetune_command(
 
     cfg = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, layer_decay=layer_decay, drop_path=drop_path,
                          max_steps=max_steps, hflip=hflip, precision=precision, seed=seed)
-    return _run(["finetune"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads,
+    return _run(["finetune"], checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, device=device,
                 finetune=cfg)
 
 
@@ -149,7 +159,7 @@ def transfer_command(
     protocols: Annotated[str, typer.Option(help="comma-separated: knn, linear, finetune")] = "knn,linear",
     source: Annotated[bool, typer.Option("--source/--no-source", help="also evaluate on --dataset")] = True,
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "fp32",
+    batch_size: Annotated[int, _BATCH] = 64, precision: Annotated[str, _PREC] = "auto", device: Annotated[str, _DEVICE] = "auto",
     pooling: Annotated[str, _POOL] = "cls+mean", threads: Annotated[int, _THREADS] = 0,
     max_steps: Annotated[Optional[int], typer.Option(help="fine-tuning steps cap")] = None,
 ) -> int:
@@ -157,7 +167,7 @@ def transfer_command(
     from morphcache.evaluate.finetune import FinetuneConfig
 
     names = [p.strip() for p in protocols.split(",") if p.strip()]
-    return _run(names, checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, to=to,
+    return _run(names, checkpoint, dataset, results, img_size, batch_size, precision, pooling, threads, device=device, to=to,
                 include_source=source, finetune=FinetuneConfig(max_steps=max_steps, precision=precision))
 
 

@@ -27,8 +27,9 @@ def extract_command(
     seed: Annotated[int, typer.Option(help="seed of the view sampler")] = 0,
     dtype: Annotated[str, typer.Option(help="token storage: int8 (per-token absmax) or float16")] = "int8",
     chunk_images: Annotated[int | None, typer.Option(help="images per store chunk / work unit (default 256/V)")] = None,
-    precision: Annotated[str, typer.Option(help="teacher precision: fp32 | bf16 | fp16 (GPU)")] = "fp32",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    precision: Annotated[str, typer.Option(help="teacher precision: auto (bf16 on a GPU that has it, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available) | cpu | cuda | cuda:N")] = "auto",
+    renderer: Annotated[str, typer.Option(help="dali (GPU decode on a CUDA teacher) | dali-cpu | pil (no DALI needed)")] = "dali",
     projected: Annotated[bool, typer.Option(help="open_clip: project tokens with the visual projection")] = False,
     shard: Annotated[str | None, typer.Option(help="I/N: do only chunks c with c % N == I")] = None,
     dask: Annotated[str | None, typer.Option(help="fan chunks out over dask: 'local' (embedded LocalCluster) or a scheduler ADDRESS")] = None,
@@ -46,16 +47,22 @@ def extract_command(
     Re-running the same command resumes (finished chunks are kept); a different spec against an existing store is
     refused.
     """
+    from morphcache.device import describe, resolve_device, resolve_precision
     from morphcache.extract.distributed import parse_shard
     from morphcache.extract.pipeline import ExtractOptions, run_extraction
     from morphcache.schemas import augment_from
 
+    chosen_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, chosen_device)
+    typer.echo(f"extract: {describe(chosen_device, chosen_precision, device, precision)}, renderer {renderer}")
+    device, precision = chosen_device, chosen_precision
     opts = ExtractOptions(
         augment=augment_from(str(augment) if augment is not None else None, scale=crop_scale, interpolation=interpolation),
         data=str(data), out=str(out), teacher=teacher, views=views, image_size=image_size, batch_size=batch_size,
         workers=workers, threads=threads, seed=seed, dtype=dtype, chunk_images=chunk_images, precision=precision, device=device,
         projected=projected, on_bad_image=on_bad_image, limit=limit,
         shard=parse_shard(shard) if shard is not None else None, dask=dask, dask_workers=dask_workers,
+        renderer=renderer,
     )
     summary = run_extraction(opts)
     for line in summary.lines():
@@ -66,19 +73,22 @@ def extract_command(
 def replay_check_command(
     store: Annotated[Path, typer.Argument(help="feature store made by morphcache extract")],
     rows: Annotated[int, typer.Option(help="stored views to re-render and compare (seeded sample)")] = 64,
-    renderer: Annotated[str, typer.Option(help="dali (the training renderer) | pil (the fallback)")] = "dali",
+    renderer: Annotated[str, typer.Option(help="dali (the training renderer; GPU decode on CUDA) | dali-cpu | pil (the fallback)")] = "dali",
     seed: Annotated[int, typer.Option(help="seed of the row sample")] = 0,
     batch_size: Annotated[int, typer.Option(help="render / teacher batch")] = 16,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available) | cpu | cuda | cuda:N")] = "auto",
     precision: Annotated[str | None, typer.Option(help="teacher precision for the replay (default: the store's)")] = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="where the store's teacher weights live now (default: the "
                                                          "recorded path; checked against the recorded sha256)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
 ) -> int:
     """Re-render stored views, re-run the teacher, report per-token cosine against the cache (exit 1 below goal)."""
+    from morphcache.device import resolve_device
     from morphcache.extract.replay import replay_check
 
-    report = replay_check(store, rows=rows, renderer=renderer, seed=seed, batch_size=batch_size, device=device,
+    chosen = resolve_device(device)
+    typer.echo(f"replay-check: device {chosen}{' (auto)' if device == 'auto' else ''}, renderer {renderer}")
+    report = replay_check(store, rows=rows, renderer=renderer, seed=seed, batch_size=batch_size, device=chosen,
                           precision=precision, weights=str(teacher_weights) if teacher_weights else None)
     typer.echo(report.line())
     if json_out is not None:

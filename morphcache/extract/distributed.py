@@ -10,6 +10,10 @@ checksum file each), so processes on different chunks never write the same file.
   overlapped pipeline as a local run. Teacher and DALI renderer are built once per worker process and cached in a
   module-level global. ``local`` starts an embedded ``LocalCluster`` (``--dask-workers`` processes, one thread
   each; default one per core); anything else is a scheduler address.
+- GPUs: with a CUDA teacher, ``local`` starts one worker per visible GPU, each pinned to its device through its
+  own ``CUDA_VISIBLE_DEVICES`` (dask-cuda's ``LocalCUDACluster`` when it is installed, else a ``SpecCluster`` of
+  nannies with per-worker environments; :func:`morphcache.device.assign_devices` decides the mapping), so every
+  task runs its teacher on ``cuda`` = its own GPU. Under torchrun, ``--shard I/N`` runs on ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -49,15 +53,16 @@ def rows_in(store, chunks) -> int:
     return int(sum(b - a for a, b in (store.chunk_row_range(c) for c in chunks)))
 
 
-def _extractor(teacher_args: dict, batch_size: int, workers: int):
+def _extractor(teacher_args: dict, batch_size: int, workers: int, renderer: str = "dali"):
     """The worker's cached :class:`ChunkExtractor` (teacher loaded once per worker process)."""
     from morphcache.extract.pipeline import ChunkExtractor, build_teacher
 
-    key = (tuple(sorted(teacher_args.items())), int(batch_size), int(workers))
+    key = (tuple(sorted(teacher_args.items())), int(batch_size), int(workers), renderer)
     with _WORKER_LOCK:
         ex = _WORKER_EXTRACTORS.get(key)
         if ex is None:
-            ex = _WORKER_EXTRACTORS[key] = ChunkExtractor(build_teacher(**teacher_args), batch_size, workers)
+            ex = _WORKER_EXTRACTORS[key] = ChunkExtractor(build_teacher(**teacher_args), batch_size, workers,
+                                                          renderer)
     return ex
 
 
@@ -76,7 +81,7 @@ def release_worker_state() -> int:
 
 
 def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_size: int, workers: int,
-                       on_bad_image: str, threads: int | None = None) -> dict:
+                       on_bad_image: str, threads: int | None = None, renderer: str = "dali") -> dict:
     """One dask task: extract ``chunk`` of the store unless it is already done. Returns RunStats as a dict.
 
     ``threads`` sets torch's intra-op threads in the worker (default: the worker's own setting, one thread per
@@ -91,7 +96,7 @@ def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_si
     store = FeatureStore.open(store_path, mode="a")
     if int(store.progress()[chunk]) == 1:
         return {"chunks": [], "views": 0, "bad": []}
-    ex = _extractor(teacher_args, batch_size, workers)
+    ex = _extractor(teacher_args, batch_size, workers, renderer)
     with _WORKER_LOCK:  # one chunk at a time per process: the teacher and the DALI pipeline are not shared
         key = (str(store.path.resolve()), store.spec.dataset_fingerprint)
         if key not in _WORKER_TABLES:
@@ -101,12 +106,44 @@ def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_si
     return {"chunks": stats.chunks, "views": stats.views, "bad": stats.bad}
 
 
-def _client(address: str | None, n_workers: int | None):
-    """(client, cluster or None): an embedded LocalCluster for ``None``/``"local"``, else a scheduler address."""
+def gpu_cluster(n_workers: int | None = None, devices=None):
+    """An embedded cluster of one single-threaded worker process per GPU, each seeing only its own device.
+
+    ``devices``: ``CUDA_VISIBLE_DEVICES`` entries to hand out (default: :func:`morphcache.device.visible_devices`);
+    ``n_workers`` (default one per device) are assigned by :func:`morphcache.device.assign_devices`. Uses
+    dask-cuda's ``LocalCUDACluster`` when importable and every worker gets its own device, else a
+    ``SpecCluster`` of nannies whose ``env`` sets ``CUDA_VISIBLE_DEVICES`` before the worker process starts.
+    """
+    from morphcache.device import assign_devices, visible_devices
+
+    devices = list(visible_devices() if devices is None else devices)
+    assigned = assign_devices(n_workers, devices)
+    if len(set(assigned)) == len(assigned):
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            LocalCUDACluster = None
+        if LocalCUDACluster is not None:
+            return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(assigned), threads_per_worker=1,
+                                    dashboard_address=None)
+    from dask.distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {f"gpu-{i}-dev{dev}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": dev}}}
+               for i, dev in enumerate(assigned)}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler)
+
+
+def _client(address: str | None, n_workers: int | None, gpu: bool = False):
+    """(client, cluster or None): an embedded LocalCluster for ``None``/``"local"`` (one worker per GPU when
+    ``gpu``), else a scheduler address."""
     from dask.distributed import Client, LocalCluster
 
     from morphcache.extract.pipeline import cpu_count
 
+    if gpu and address in (None, "", "local"):
+        cluster = gpu_cluster(n_workers)
+        return Client(cluster), cluster
     if address in (None, "", "local"):
         cluster = LocalCluster(n_workers=n_workers or cpu_count(), threads_per_worker=1, processes=True,
                                dashboard_address=None)
@@ -128,13 +165,17 @@ def run_dask(store, chunks, opts):
     stats = RunStats()
     if not chunks:
         return stats
-    client, cluster = _client(opts.dask, opts.dask_workers)
+    gpu = str(opts.device).startswith("cuda")
+    client, cluster = _client(opts.dask, opts.dask_workers, gpu=gpu)
+    teacher_args = opts.teacher_args()
+    if gpu and cluster is not None:
+        teacher_args["device"] = "cuda"  # each embedded worker sees only its own GPU, as cuda:0
     t0 = time.perf_counter()
     try:
         total = rows_in(store, chunks)
         futures = [
-            client.submit(extract_chunk_task, str(store.path), int(c), opts.teacher_args(), opts.batch_size,
-                          opts.workers, opts.on_bad_image, opts.threads, key=f"morphcache-extract-{store.path.name}-{c}",
+            client.submit(extract_chunk_task, str(store.path), int(c), teacher_args, opts.batch_size,
+                          opts.workers, opts.on_bad_image, opts.threads, opts.renderer, key=f"morphcache-extract-{store.path.name}-{c}",
                           pure=False)
             for c in chunks
         ]

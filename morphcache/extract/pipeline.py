@@ -53,6 +53,7 @@ class ExtractOptions:
     dask: str | None = None
     dask_workers: int | None = None
     augment: object | None = None  # AugmentSpec; None = the default view distribution
+    renderer: str = "dali"  # dali (GPU decode on a CUDA teacher) | dali-cpu | pil
 
     def teacher_args(self) -> dict:
         return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projected,
@@ -114,12 +115,120 @@ def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None, w
     return load_teacher_from_spec(spec, device=device, precision=precision or spec.precision or "fp32")
 
 
-def make_renderer(teacher_spec, augment, batch_size: int, workers: int):
-    """The DALI renderer at the teacher's input size (one output), ``workers`` DALI threads."""
+#: ``--renderer`` values: ``dali`` renders on the teacher's device (nvJPEG decode, GPU resize and colour ops when the
+#: teacher runs on CUDA; CPU otherwise), ``dali-cpu`` always on the CPU, ``pil`` the PIL fallback (no DALI needed).
+RENDERERS = ("dali", "dali-cpu", "pil")
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def renderer_placement(renderer: str, device: str = "cpu") -> tuple[str, str]:
+    """(``"dali"`` | ``"pil"``, ``"cpu"`` | ``"gpu"``): which renderer runs where for ``--renderer`` on a teacher
+    ``device``. Raises ConfigError for an unknown name."""
+    if renderer not in RENDERERS:
+        raise ConfigError(f"--renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
+    if renderer == "pil":
+        return "pil", "cpu"
+    return "dali", ("gpu" if renderer == "dali" and str(device).startswith("cuda") else "cpu")
+
+
+def build_renderer(renderer: str, size: int, mean, std, interpolation: str, batch_size: int, workers: int,
+                   device: str = "cpu"):
+    """A renderer with ``render(encoded, params) -> [float32 (B, 3, size, size)]`` (on the GPU for DALI GPU),
+    ``workers`` CPU threads; see :data:`RENDERERS`."""
+    kind, where = renderer_placement(renderer, device)
+    if kind == "pil":
+        from morphcache.extract.render_pil import PilRenderer
+
+        return PilRenderer(size, mean=mean, std=std, interpolation=interpolation, num_threads=workers)
+    if not dali_available():
+        raise ConfigError(f"--renderer {renderer}: NVIDIA DALI is not installed here; install nvidia-dali-cuda130 "
+                          "or use --renderer pil")
     from morphcache.extract.render_dali import DaliRenderer
 
-    return DaliRenderer(sizes=(teacher_spec.image_size,), mean=teacher_spec.mean, std=teacher_spec.std,
-                        interpolation=augment.interpolation, batch_size=batch_size, num_threads=max(1, workers))
+    index = None
+    if where == "gpu":
+        import torch
+
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+    return DaliRenderer(sizes=(size,), mean=mean, std=std, interpolation=interpolation, batch_size=batch_size,
+                        num_threads=max(1, workers), device=where, device_id=index)
+
+
+def make_renderer(teacher_spec, augment, batch_size: int, workers: int, renderer: str = "dali", device: str = "cpu"):
+    """The extraction renderer at the teacher's input size (one output), ``workers`` CPU threads."""
+    return build_renderer(renderer, teacher_spec.image_size, teacher_spec.mean, teacher_spec.std,
+                          augment.interpolation, batch_size, workers, device)
+
+
+class HostCopies:
+    """Moves teacher outputs into a chunk's host arrays without stalling a GPU teacher.
+
+    On CUDA each batch's tokens (B, T, D) and pooled (B, Dp) float32 are copied on a side stream into one of two
+    pinned buffer pairs (asynchronously, after the forward's kernels) and written into the chunk's arrays one batch
+    later, while the next forward runs; :meth:`flush` finishes the last one (call it before the chunk is used). On
+    CPU the copy is immediate. The values are the same either way (a float32 copy).
+    """
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self._stream = torch.cuda.Stream(device=torch.device(device)) if self.cuda else None
+        self._slots: list = [None, None]
+        self._next = 0
+        self._pending = None
+
+    def _slot(self, tok, pool):
+        import torch
+
+        k, self._next = self._next, 1 - self._next
+        slot = self._slots[k]
+        if slot is None or slot[0].shape != tok.shape or slot[1].shape != pool.shape:
+            slot = self._slots[k] = (torch.empty(tok.shape, dtype=torch.float32, pin_memory=True),
+                                     torch.empty(pool.shape, dtype=torch.float32, pin_memory=True))
+        return slot
+
+    def put(self, tok, pool, n: int, tokens: np.ndarray, pooled: np.ndarray, rows) -> None:
+        """Write the first ``n`` rows of ``tok`` / ``pool`` into ``tokens[rows]`` / ``pooled[rows]`` (on CUDA: by
+        the next :meth:`put` or :meth:`flush`)."""
+        if not self.cuda:
+            tokens[rows] = tok[:n].cpu().numpy()
+            pooled[rows] = pool[:n].cpu().numpy()
+            return
+        import torch
+
+        slot = self._slot(tok, pool)
+        ready = torch.cuda.Event()
+        ready.record()  # after the forward's kernels on the current stream
+        self._stream.wait_event(ready)
+        with torch.cuda.stream(self._stream):
+            slot[0].copy_(tok, non_blocking=True)
+            slot[1].copy_(pool, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        tok.record_stream(self._stream)  # the allocator must not reuse their memory before the copy ran
+        pool.record_stream(self._stream)
+        self.flush()
+        self._pending = (copied, slot, n, tokens, pooled, rows)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        copied, slot, n, tokens, pooled, rows = self._pending
+        self._pending = None
+        copied.synchronize()
+        tokens[rows] = slot[0][:n].numpy()
+        pooled[rows] = slot[1][:n].numpy()
 
 
 class ChunkExtractor:
@@ -128,20 +237,23 @@ class ChunkExtractor:
     Args:
         teacher: a loaded :class:`~morphcache.extract.teachers.Teacher`; its spec must equal the store's.
         batch_size: B, the fixed teacher batch.
-        workers: DALI CPU threads.
+        workers: render CPU threads; renderer: one of :data:`RENDERERS` (placed on the teacher's device).
     """
 
-    def __init__(self, teacher, batch_size: int, workers: int = 1) -> None:
+    def __init__(self, teacher, batch_size: int, workers: int = 1, renderer: str = "dali") -> None:
+        renderer_placement(renderer)
         self.teacher = teacher
         self.batch_size = int(batch_size)
         self.workers = int(workers)
+        self.renderer_name = renderer
         self._renderer: BatchRenderer | None = None
         self._renderer_key = None
 
     def renderer(self, spec) -> BatchRenderer:
         key = (spec.teacher.image_size, spec.teacher.mean, spec.teacher.std, spec.augment.interpolation)
         if self._renderer is None or self._renderer_key != key:
-            self._renderer = BatchRenderer(make_renderer(spec.teacher, spec.augment, self.batch_size, self.workers),
+            self._renderer = BatchRenderer(make_renderer(spec.teacher, spec.augment, self.batch_size, self.workers,
+                                                         self.renderer_name, str(self.teacher.device)),
                                            self.batch_size)
             self._renderer_key = key
         return self._renderer
@@ -161,6 +273,7 @@ class ChunkExtractor:
         t0 = time.perf_counter()
         T, D, Dp = spec.n_tokens, spec.dim, spec.teacher.pooled_dim
         stage = RenderStage(source, self.renderer(spec), chunks)
+        copies = HostCopies(self.teacher.device)
         with AsyncWriter(store, max_pending=2) as writer:
             tokens = pooled = None
             for kind, item in stage:
@@ -170,12 +283,12 @@ class ChunkExtractor:
                 elif kind == "batch":
                     n = len(item.rows)
                     tok, pool = self.teacher.forward_tokens(item.images)  # (B, T, D), (B, Dp)
-                    tokens[item.rows] = tok[:n].cpu().numpy()
-                    pooled[item.rows] = pool[:n].cpu().numpy()
+                    copies.put(tok, pool, n, tokens, pooled, item.rows)
                     stats.views += n
                     if bar is not None:
                         bar.advance(n)
                 else:  # "end": the plan is final
+                    copies.flush()
                     plan = item
                     bad_rows = np.repeat(plan.status != 0, spec.views_per_image)
                     tokens[bad_rows] = 0
@@ -274,6 +387,7 @@ def validate(opts: ExtractOptions) -> None:
         raise ConfigError(f"--on-bad-image {opts.on_bad_image!r}: use skip or fail")
     if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
         raise ConfigError(f"--device {opts.device!r}: use cpu or cuda")
+    renderer_placement(opts.renderer)
     if opts.shard is not None and (opts.dask is not None or opts.dask_workers is not None):
         raise ConfigError("--shard and --dask cannot be combined; use one way to split the work")
 
@@ -322,6 +436,12 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     from morphcache.progress import progress_bar
 
     validate(opts)
+    if opts.device == "cuda" and opts.shard is not None and "LOCAL_RANK" in os.environ:
+        from dataclasses import replace
+
+        from morphcache.device import local_rank_device
+
+        opts = replace(opts, device=local_rank_device())  # torchrun: one GPU per process
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     configure_threads(opts.device, opts.threads)
@@ -336,7 +456,7 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
             del teacher  # the workers load their own
             stats = distributed.run_dask(store, todo, opts)
         else:
-            extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers)
+            extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers, opts.renderer)
             with progress_bar(total=distributed.rows_in(store, todo), description="extract", unit="views") as bar:
                 # the manifest just written is the store's image table
                 stats = extractor.run(store, todo, images=table, on_bad_image=opts.on_bad_image, bar=bar)

@@ -169,7 +169,7 @@ class DaliRenderer:
         self._pipe.feed_input("params", rows_list)
         outs = self._pipe.run()
         n = self.batch_size - pad
-        return [_to_torch(o, self.device)[:n] for o in outs]
+        return [_to_torch(o, self.device, self.device_id)[:n] for o in outs]
 
     def render(self, encoded: Sequence[bytes], params: np.ndarray) -> list[torch.Tensor]:
         """float32 (B, 3, S, S) per size for B = len(encoded) views; raises BadImageError (with ``.index``)."""
@@ -200,13 +200,13 @@ class DaliRenderer:
         return -1
 
 
-def _to_torch(tl, device: str) -> torch.Tensor:
-    """A DALI TensorList of uniform float32 samples -> torch (B, ...)."""
+def _to_torch(tl, device: str, device_id: int | None = None) -> torch.Tensor:
+    """A DALI TensorList of uniform float32 samples -> torch (B, ...) (on ``cuda:device_id`` for GPU output)."""
     if device == "gpu":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.float32, device="cuda")
+        out = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", device_id or 0))
         feed_ndarray(t, out)
         return out
     return torch.from_numpy(np.array(tl.as_tensor(), dtype=np.float32, copy=True))

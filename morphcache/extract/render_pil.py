@@ -91,3 +91,50 @@ def render_pil(
         x = render_one(data, row, size, interpolation)
         out[k] = ((x - m) / s).transpose(2, 0, 1)
     return torch.from_numpy(out)
+
+
+class PilRenderer:
+    """:func:`render_pil` behind the :class:`~morphcache.extract.render_dali.DaliRenderer` interface
+    (``render(encoded, params) -> [float32 (B, 3, S, S)]``, one output size), views rendered on ``num_threads``
+    threads (PIL decode / resize and numpy release the GIL). For machines without DALI; pixels match DALI's CPU
+    renderer within the measured tolerance (:mod:`morphcache.extract.render_fidelity`). A view that cannot be
+    rendered raises :class:`~morphcache.errors.BadImageError` with ``.index`` (the view's position in the batch).
+    """
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 interpolation: str = "linear", num_threads: int = 1) -> None:
+        if interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(_FILTERS)}, got {interpolation!r}")
+        self.size, self.interpolation = int(size), interpolation
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.num_threads = max(1, int(num_threads))
+        self._pool = None
+
+    def _one(self, k: int, data: bytes, row: np.ndarray, out: np.ndarray) -> None:
+        from morphcache.errors import BadImageError
+        from morphcache.store.image_table import STATUS_CORRUPT
+
+        try:
+            x = render_one(data, row, self.size, self.interpolation)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadImageError(f"view {k} of the batch could not be rendered by PIL ({type(exc).__name__}: {exc})",
+                                reason=STATUS_CORRUPT, index=k) from None
+        out[k] = ((x - self.mean) / self.std).transpose(2, 0, 1)
+
+    def render(self, encoded: Sequence[bytes], params: np.ndarray) -> list[torch.Tensor]:
+        rows = np.asarray(params, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != N_VIEW_PARAMS or rows.shape[0] != len(encoded):
+            raise ValueError(f"params must be ({len(encoded)}, {N_VIEW_PARAMS}), got {rows.shape}")
+        out = np.empty((len(encoded), 3, self.size, self.size), dtype=np.float32)
+        if self.num_threads == 1 or len(encoded) == 1:
+            for k, (data, row) in enumerate(zip(encoded, rows)):
+                self._one(k, data, row, out)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="pil-render")
+            for f in [self._pool.submit(self._one, k, d, r, out) for k, (d, r) in enumerate(zip(encoded, rows))]:
+                f.result()
+        return [torch.from_numpy(out)]

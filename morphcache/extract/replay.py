@@ -36,6 +36,8 @@ class ReplayReport:
     min: float
     p1: float
     goal: float
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @property
     def passed(self) -> bool:
@@ -44,7 +46,7 @@ class ReplayReport:
     def line(self) -> str:
         verdict = "ok" if self.passed else "BELOW GOAL"
         return (f"replay-check {self.store}: {self.rows} views ({self.tokens} tokens), renderer {self.renderer}, "
-                f"{self.dtype}: per-token cosine mean {self.mean:.6f} min {self.min:.6f} p1 {self.p1:.6f} "
+                f"{self.dtype}, teacher on {self.device} in {self.precision}: per-token cosine mean {self.mean:.6f} min {self.min:.6f} p1 {self.p1:.6f} "
                 f"(goal >= {self.goal}): {verdict}")
 
     def to_json(self) -> str:
@@ -82,22 +84,15 @@ def load_view_inputs(store, rows: np.ndarray, images=None) -> tuple[list[bytes],
 
 
 def render_views(encoded: list[bytes], params: np.ndarray, size: int, mean, std, interpolation: str,
-                 renderer: str = "dali", batch_size: int = 16, num_threads: int = 1):
-    """Yield ``(start, images float32 (b, 3, S, S))`` for consecutive batches of the views."""
-    if renderer == "dali":
-        from morphcache.extract.render_dali import DaliRenderer
+                 renderer: str = "dali", batch_size: int = 16, num_threads: int = 1, device: str = "cpu"):
+    """Yield ``(start, images float32 (b, 3, S, S))`` for consecutive batches of the views, rendered by
+    ``renderer`` (:data:`morphcache.extract.pipeline.RENDERERS`; ``dali`` decodes on the GPU when ``device`` is
+    CUDA)."""
+    from morphcache.extract.pipeline import build_renderer
 
-        dali = DaliRenderer(sizes=(size,), mean=mean, std=std, interpolation=interpolation,
-                            batch_size=batch_size, num_threads=num_threads)
-        render = lambda enc, p: dali.render(enc, p)[0]
-    elif renderer == "pil":
-        from morphcache.extract.render_pil import render_pil
-
-        render = lambda enc, p: render_pil(enc, p, size, mean, std, interpolation)
-    else:
-        raise ConfigError(f"--renderer {renderer!r}: use dali or pil")
+    r = build_renderer(renderer, size, mean, std, interpolation, batch_size, num_threads, device)
     for s in range(0, len(encoded), batch_size):
-        yield s, render(encoded[s:s + batch_size], params[s:s + batch_size])
+        yield s, r.render(encoded[s:s + batch_size], params[s:s + batch_size])[0]
 
 
 def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int = 0, batch_size: int = 16,
@@ -116,10 +111,11 @@ def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int =
     cos = np.empty((len(ids), spec.n_tokens), dtype=np.float64)
     t = spec.teacher
     for s, images in render_views(encoded, params, t.image_size, t.mean, t.std, spec.augment.interpolation,
-                                  renderer, batch_size):
+                                  renderer, batch_size, device=str(teacher.device)):
         tokens, _ = teacher.forward_tokens(images)  # (b, T, D)
         cos[s:s + len(images)] = token_cosine(tokens.cpu().numpy(), cached[s:s + len(images)])
     flat = cos.reshape(-1)
     return ReplayReport(store=str(store.path), renderer=renderer, dtype=spec.dtype, rows=len(ids),
                         tokens=int(flat.size), mean=float(flat.mean()), min=float(flat.min()),
-                        p1=float(np.percentile(flat, 1)), goal=GOALS[spec.dtype])
+                        p1=float(np.percentile(flat, 1)), goal=GOALS[spec.dtype], device=str(teacher.device),
+                        precision=teacher.precision)

@@ -44,7 +44,8 @@ def train_command(
     teacher_online: Annotated[bool, typer.Option("--teacher-online", help="run the teacher live instead of reading the cache")] = False,
     loader: Annotated[str, typer.Option(help="dali | torch (PIL fallback, pixels within measured tolerance)")] = "dali",
     workers: Annotated[int, typer.Option(help="loader worker processes")] = 2,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast) | fp32")] = "bf16",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, fp32 on CPU) | bf16 (autocast) | fp32")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available; torchrun: cuda:LOCAL_RANK) | cpu | cuda | cuda:N")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="steps between checkpoints; 0 = end only")] = 0,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="train on the finished chunks of an incomplete store")] = False,
@@ -62,9 +63,15 @@ def train_command(
 
     from pydantic import ValidationError
 
+    from morphcache.device import describe, resolve_device, resolve_precision
     from morphcache.errors import ConfigError
     from morphcache.schemas import RunConfig
 
+    chosen_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, chosen_device, allowed=("bf16", "fp32"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"train: {describe(chosen_device, chosen_precision, device, precision)}")
+    precision = chosen_precision
     try:
         config = RunConfig(
             store=str(store), model=model, objective=objective, epochs=epochs, batch_size=batch_size,
@@ -90,7 +97,7 @@ def train_command(
         torch.set_num_threads(threads)
     summary = run_training(config, out, resume=resume, img_size=img_size,
                            image_root=str(image_root) if image_root else None, tensorboard=tensorboard,
-                           teacher_weights=str(teacher_weights) if teacher_weights else None)
+                           teacher_weights=str(teacher_weights) if teacher_weights else None, device=chosen_device)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         typer.echo(json.dumps({k: summary[k] for k in ("steps", "final_step", "images", "wall_seconds",
                                                        "images_per_s", "final_loss")}))

@@ -132,15 +132,17 @@ class DaliTrainLoader:
         workers: ``py_num_workers`` of the parallel external source; threads: DALI CPU operator threads.
         read_targets: False when the teacher runs online (``Batch.targets`` is then None).
         start_method: ``"spawn"`` (default; workers receive the pickled :class:`ViewSource`) or ``"fork"``.
+        target_device: where targets are dequantized (None: CPU; CUDA: pinned staging and an asynchronous copy,
+            see :class:`~morphcache.train.targets.TargetPrefetcher`).
     """
 
     def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
                  threads: int = 1, read_targets: bool = True, image_root: str | None = None,
-                 prefetch: int = 2, start_method: str = "spawn") -> None:
+                 prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
         self.store, self.sampler, self.render = store, sampler, render
         self.start_step = int(start_step)
         self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step)
-        self.targets = TargetPrefetcher(store, sampler, prefetch) if read_targets else None
+        self.targets = TargetPrefetcher(store, sampler, prefetch, device=target_device) if read_targets else None
         self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, workers), threads,
                                      prefetch, start_method)
 

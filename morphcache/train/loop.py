@@ -43,20 +43,27 @@ TARGET_OBJECTIVES = ("dtm", "tokenwise", "mae+dtm")
 MASK_OBJECTIVES = ("dtm", "tokenwise")
 
 
-def _init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initializes the process group under torchrun."""
+def _init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initializes the process group under torchrun.
+
+    ``device``: a resolved ``--device`` (:func:`morphcache.device.resolve_device`); None = CUDA when available.
+    Under torchrun a CUDA run uses ``cuda:LOCAL_RANK`` (:func:`morphcache.device.local_rank_device`)."""
+    from morphcache.device import local_rank_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = str(device).startswith("cuda")
     if world <= 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
+        return 0, 1, torch.device(device)
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        device = local_rank_device()
+        torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
 def _split_model_state(objective) -> tuple[dict, dict, str]:
@@ -108,8 +115,9 @@ def _mean_metrics(items: list[dict]) -> dict:
 
 def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, img_size: int | None = None,
                  image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
-                 teacher_weights: str | None = None) -> dict:
-    """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``)."""
+                 teacher_weights: str | None = None, device: str | None = None) -> dict:
+    """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``).
+    ``device``: a resolved ``--device`` (None: CUDA when available, else CPU)."""
     from morphcache.progress import progress_bar
     from morphcache.store.feature_store import FeatureStore
     from morphcache.train.masking import block_mask_generator_from_config
@@ -119,7 +127,7 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
 
     t_setup = time.perf_counter()
     out_dir = Path(out_dir)
-    rank, world, device = _init_distributed()
+    rank, world, device = _init_distributed(device)
     store = FeatureStore.open(config.store)
     spec = store.spec
     guards.check_store_complete(store, config.allow_partial)
@@ -181,7 +189,7 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
                         teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut")
     loader = make_loader(config.loader, store, sampler, render, start_step=step * config.accum_steps,
                          workers=config.workers, read_targets=config.objective in TARGET_OBJECTIVES and teacher is None,
-                         image_root=image_root)
+                         image_root=image_root, target_device=str(device) if device.type == "cuda" else None)
     masker = block_mask_generator_from_config(config, student.grid) if config.objective in MASK_OBJECTIVES else None
     model = objective
     if world > 1:

@@ -69,7 +69,7 @@ class TorchTrainLoader:
 
     def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
                  threads: int = 1, read_targets: bool = True, image_root: str | None = None,
-                 prefetch: int = 2, start_method: str = "spawn") -> None:
+                 prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
         del threads  # DALI-only knob; accepted so both loaders share one signature
         self.sampler, self.render, self.start_step = sampler, render, int(start_step)
         source = ViewSource(str(store.path), sampler, image_root, start_step=0)
@@ -81,7 +81,7 @@ class TorchTrainLoader:
             _ViewDataset(source, render), batch_sampler=_StepBatches(start_step, sampler.batch_size),
             num_workers=workers, **kwargs,
         )
-        self.targets = TargetPrefetcher(store, sampler, prefetch) if read_targets else None
+        self.targets = TargetPrefetcher(store, sampler, prefetch, device=target_device) if read_targets else None
 
     def __iter__(self) -> Iterator[Batch]:
         step = self.start_step
