@@ -177,8 +177,8 @@ def segment_command(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="ade20k:DIR | seg-folder:DIR, optionally "
                                          "?train=N&test=M&seed=S (seg-folder also &ignore=I)")],
     results: Annotated[Optional[Path], _RESULTS] = None, img_size: Annotated[Optional[int], _SIZE] = None,
-    batch_size: Annotated[int, _BATCH] = 16, precision: Annotated[str, _PREC] = "fp32",
-    threads: Annotated[int, _THREADS] = 0,
+    batch_size: Annotated[int, _BATCH] = 16, precision: Annotated[str, _PREC] = "auto",
+    device: Annotated[str, _DEVICE] = "auto", threads: Annotated[int, _THREADS] = 0,
     layers: Annotated[int, typer.Option(help="concatenate the patch tokens of the last N blocks")] = 1,
     batchnorm: Annotated[bool, typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm before the head")] = True,
     label_size: Annotated[Optional[int], typer.Option(help="side of the label maps scored (default: --img-size)")]
@@ -191,6 +191,7 @@ def segment_command(
     """Linear segmentation probe on frozen patch tokens (resized evaluation): mIoU, pixel accuracy, per-class IoU."""
     import torch
 
+    from morphcache.device import describe, resolve_device, resolve_precision
     from morphcache.evaluate.backbones import load_backbone
     from morphcache.evaluate.results import append_result, format_row
     from morphcache.evaluate.seg_datasets import load_seg_dataset
@@ -201,8 +202,11 @@ def segment_command(
     cfg = SegProbeConfig(layers=layers, batchnorm=batchnorm, epochs=epochs, batch_size=batch_size, lr=lr,
                          label_size=label_size, seed=seed, n_examples=examples)
     data = load_seg_dataset(dataset)  # before the model: a wrong option or folder fails fast
-    backbone = load_backbone(checkpoint, img_size)
-    row, shown = segmentation_evaluate(backbone, data, cfg, batch_size, precision)
+    chosen_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, chosen_device, allowed=("fp32", "bf16"))
+    typer.echo(f"eval: {describe(chosen_device, chosen_precision, device, precision)}")
+    backbone = load_backbone(checkpoint, img_size).to(chosen_device)
+    row, shown = segmentation_evaluate(backbone, data, cfg, batch_size, chosen_precision, device=chosen_device)
     path = results or default_results_path(checkpoint)
     if examples > 0:
         save_examples(path, row, shown)
