@@ -43,7 +43,7 @@ PLAN = [("install", 90), ("imports", 60), ("tests", 240), ("teacher", 60), ("tra
         ("replay", 80), ("train_store", 70), ("render", 50), ("teacher_compile", 100)]
 BENCH_PARTS = [name for name, _ in PLAN if name not in ("install", "imports", "tests")]
 RESERVE = 10.0  # seconds kept back for writing the report
-IMPORTS = ["numpy", "torch", "timm", "PIL", "zarr", "numcodecs", "dask", "distributed", "pydantic", "open_clip",
+IMPORTS = ["numpy", "torch", "timm", "PIL", "zarr", "numcodecs", "dask", "distributed", "pydantic", "open_clip", "catalogue", "yaml",
            "typer", "rich"]
 
 
