@@ -280,7 +280,7 @@ def validate(opts: ExtractOptions) -> None:
 
 @dataclass
 class ExtractSummary:
-    """The end-of-run report: this run's work and the store's state."""
+    """The end-of-run report: this run's work and the store's state, naming the first skipped files."""
 
     store: str
     stats: RunStats
@@ -288,12 +288,15 @@ class ExtractSummary:
     done_chunks: int
     n_rows: int
     skipped: dict[str, int]
+    skipped_images: list = field(default_factory=list)  # SkippedImage, every one in the store's finished chunks
 
     @property
     def complete(self) -> bool:
         return self.done_chunks == self.n_chunks
 
     def lines(self) -> list[str]:
+        from morphcache.store.skipped import skipped_lines
+
         st = self.stats
         rate = st.views / st.seconds if st.seconds > 0 else 0.0
         steady = f", pipeline {st.views / st.pipeline_seconds:.1f} views/s" if st.pipeline_seconds > 0 else ""
@@ -301,17 +304,16 @@ class ExtractSummary:
                 f"{steady}); store {self.store}: {self.done_chunks}/{self.n_chunks} chunks complete")]
         if self.skipped:
             out.append("skipped images: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())))
+            out += skipped_lines(self.skipped_images, self.store)
         return out
 
 
 def summarize(store, stats: RunStats) -> ExtractSummary:
-    from morphcache.store.image_table import STATUS_PENDING, STATUS_REASONS
+    from morphcache.store.skipped import skipped_counts, skipped_images
 
-    status = store.image_status()
-    done = np.repeat(store.progress().astype(bool), store.spec.chunk_images)[: store.spec.n_images]
-    codes, counts = np.unique(status[done & (status != 0) & (status != STATUS_PENDING)], return_counts=True)
-    skipped = {STATUS_REASONS.get(int(c), f"status {int(c)}"): int(n) for c, n in zip(codes, counts)}
-    return ExtractSummary(str(store.path), stats, store.n_chunks, int(store.progress().sum()), store.n_rows, skipped)
+    skipped = skipped_images(store)
+    return ExtractSummary(str(store.path), stats, store.n_chunks, int(store.progress().sum()), store.n_rows,
+                          skipped_counts(skipped), skipped)
 
 
 def run_extraction(opts: ExtractOptions) -> ExtractSummary:
