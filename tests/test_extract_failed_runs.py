@@ -132,3 +132,26 @@ def test_run_store_undoes_only_what_nobody_else_uses(tmp_path):
         with run_store(tmp_path / "busy", spec, table):
             pass
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"  # not ours: untouched
+
+
+def test_remote_dask_undoes_the_store_only_before_tasks_are_submitted(data, tmp_path, capsys, monkeypatch):
+    """An unreachable scheduler fails before any task: nothing is left. Once tasks are submitted to a remote
+    scheduler, its workers may still write after the error, so the store is kept (resumable)."""
+    from morphcache.errors import BadImageError, ConfigError
+    from morphcache.extract import distributed
+
+    def unreachable(address, n_workers):  # what _client raises after its 30 s connect timeout
+        raise ConfigError(f"--dask {address}: cannot reach the dask scheduler (OSError)")
+
+    monkeypatch.setattr(distributed, "_client", unreachable)
+    out = tmp_path / "store.zarr"
+    code, err = extract(capsys, data, out, "--dask", "tcp://127.0.0.1:9")
+    assert code == 2 and "cannot reach" in err[0] and not out.exists()
+
+    def submitted_then_failed(store, chunks, opts, on_submit=None):
+        on_submit()
+        raise BadImageError("a_bad.jpg: truncated file (in a remote worker)")
+
+    monkeypatch.setattr(distributed, "run_dask", submitted_then_failed)
+    code, err = extract(capsys, data, out, "--dask", "tcp://127.0.0.1:9")
+    assert code == 2 and (out / "zarr.json").is_file()

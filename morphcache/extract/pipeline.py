@@ -225,7 +225,7 @@ def create_store(path: str | os.PathLike, spec, table):
 
 
 @contextlib.contextmanager
-def run_store(path: str | os.PathLike, spec, table, remove_on_failure: bool = True):
+def run_store(path: str | os.PathLike, spec, table, remove_on_failure=True):
     """Create (or open, to resume) the store at ``path`` for one extraction run and yield it.
 
     A failed run changes nothing: if the body raises (any exception, Ctrl-C included) and this call created the
@@ -233,6 +233,7 @@ def run_store(path: str | os.PathLike, spec, table, remove_on_failure: bool = Tr
     with any parent folders this call made, and an empty ``path`` folder is left empty. A store that existed
     before (a resume) is never removed; neither is one another process (a shard started together) still
     holds: every run holds a shared ``flock`` on the store folder while it lasts, and removal needs it exclusive.
+    ``remove_on_failure``: a bool, or a callable asked at failure time (False keeps the store).
     """
     from morphcache.store.feature_store import ATTR_KEY, FeatureStore
 
@@ -248,7 +249,7 @@ def run_store(path: str | os.PathLike, spec, table, remove_on_failure: bool = Tr
         try:
             store = FeatureStore.create(path, spec, table)
         except BaseException:
-            if fresh and remove_on_failure:
+            if fresh and _wanted(remove_on_failure):
                 _remove_new_store(path, was_empty, made)
             raise
         held = os.open(path, os.O_RDONLY)
@@ -256,13 +257,17 @@ def run_store(path: str | os.PathLike, spec, table, remove_on_failure: bool = Tr
     try:
         yield store
     except BaseException:
-        if fresh and remove_on_failure:
+        if fresh and _wanted(remove_on_failure):
             with _folder_lock(parent):
                 if _sole_user(held) and not _any_chunk_finished(path):
                     _remove_new_store(path, was_empty, made)
         raise
     finally:
         os.close(held)
+
+
+def _wanted(flag) -> bool:
+    return bool(flag()) if callable(flag) else bool(flag)
 
 
 @contextlib.contextmanager
@@ -414,14 +419,18 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     try:
         teacher = build_teacher(**opts.teacher_args())
         spec, table = plan_store(opts, teacher.spec)
-        # Workers of a remote dask scheduler may still write after a failure, so only local runs undo a new store.
-        with run_store(opts.out, spec, table, remove_on_failure=opts.dask in (None, "", "local")) as store:
+        # Tasks running on a remote dask scheduler's workers may still write after a failure: once they are
+        # submitted, a new store is kept (a local cluster is shut down before the error reaches run_store).
+        remote = opts.dask not in (None, "", "local")
+        undo = {"allowed": True}
+        with run_store(opts.out, spec, table, remove_on_failure=lambda: undo["allowed"]) as store:
             todo = store.missing_chunks()
             if opts.shard is not None:
                 todo = distributed.shard_chunks(todo, *opts.shard)
             if opts.dask is not None or opts.dask_workers is not None:
                 del teacher  # the workers load their own
-                stats = distributed.run_dask(store, todo, opts)
+                stats = distributed.run_dask(store, todo, opts,
+                                             on_submit=lambda: undo.update(allowed=not remote))
             else:
                 extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers)
                 with progress_bar(total=distributed.rows_in(store, todo), description="extract", unit="views") as bar:
