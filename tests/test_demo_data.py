@@ -86,6 +86,20 @@ def test_fashion_mnist_folder_is_one_setting(monkeypatch, tmp_path):
     assert fashion_mnist_dir() == tmp_path
 
 
+def test_photo_fallback_writes_skimages_boolean_horse(tmp_path):
+    """Regression: the fallback crashed in np.ptp on skimage's boolean ``horse`` (numpy 2 refuses bool
+    subtraction); every bundled photo, whatever its dtype, is now written as RGB."""
+    import skimage.data
+
+    from morphcache.demo_data import SKIMAGE_PHOTOS, _photo_folder
+
+    assert "horse" in SKIMAGE_PHOTOS and skimage.data.horse().dtype == bool  # the case this test is about
+    data = _photo_folder(tmp_path, 2 * len(SKIMAGE_PHOTOS) + 8, seed=0)
+    photos = sorted((tmp_path / "photos").glob("*.png"))
+    assert data.n_images == 2 * len(SKIMAGE_PHOTOS) + 8 and len(photos) == len(SKIMAGE_PHOTOS) + 4
+    assert all(Image.open(p).mode == "RGB" for p in photos)
+
+
 def test_demo_images_without_fashion_mnist(monkeypatch, tmp_path):
     """Regression: without Fashion-MNIST, skimage's boolean ``horse`` crashed np.ptp (numpy 2.4)."""
     (tmp_path / "empty").mkdir()

@@ -314,7 +314,10 @@ def _remove_new_store(path: Path, was_empty: bool, made: list[Path]) -> None:
     parent folders the run made."""
     if was_empty:
         for child in path.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     elif path.exists():
         shutil.rmtree(path)
     for folder in made:
