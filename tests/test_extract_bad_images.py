@@ -51,6 +51,49 @@ def test_skip_records_reasons_and_keeps_everything_else(zoo, skipped_store, caps
     assert "skipped images:" in stdout
     for reason in ("truncated file 2", "empty file 1", "not an image 1", "corrupt or unreadable image data 1"):
         assert reason in stdout
+    # the summary names the skipped files with their reasons and says where the full list is
+    for name, reason in (("b_corrupt.png", "corrupt or unreadable image data"), ("e_empty.png", "empty file"),
+                         ("h_truncated.jpg", "truncated file"), ("j_notes.jpg", "not an image")):
+        assert f"  {name}: {reason}\n" in stdout
+    assert f"full list: morphcache store skipped {skipped_store}" in stdout
+
+
+SKIPPED = {"b_corrupt.png": "corrupt or unreadable image data", "e_empty.png": "empty file",
+           "h_truncated.jpg": "truncated file", "j_notes.jpg": "not an image", "m_truncated.png": "truncated file"}
+
+
+def test_store_skipped_and_info_list_every_skipped_file(zoo, skipped_store, tmp_path, capsys):
+    import csv
+    import json
+
+    assert main(["store", "skipped", str(skipped_store)]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert {r["path"]: r["reason"] for r in rows} == SKIPPED
+    names = sorted(EXPECTED)
+    assert [int(r["image"]) for r in rows] == [names.index(r["path"]) for r in rows]
+    assert all(r["file"] == str(zoo / r["path"]) and int(r["status"]) == EXPECTED[r["path"]] for r in rows)
+    out_csv = tmp_path / "skipped.csv"
+    assert main(["store", "skipped", str(skipped_store), "--csv", str(out_csv)]) == 0
+    assert f"5 skipped images written to {out_csv}" in capsys.readouterr().out
+    assert list(csv.DictReader(out_csv.open(newline=""))) == rows
+    assert main(["store", "skipped", str(skipped_store), "--csv", str(tmp_path)]) == 2  # a folder: one line
+    assert "--csv" in capsys.readouterr().err
+    assert main(["store", "info", str(skipped_store), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {s["path"]: s["reason"] for s in info["skipped"]} == SKIPPED
+    assert main(["store", "info", str(skipped_store)]) == 0
+    text = capsys.readouterr().out
+    assert "skipped     5 images" in text and "  j_notes.jpg: not an image" in text and "store skipped" in text
+
+
+def test_skipped_lines_name_the_first_few_then_the_full_list():
+    from morphcache.store.skipped import SkippedImage, skipped_lines
+
+    items = [SkippedImage(i, f"d/{i}.png", f"/r/d/{i}.png", 2, "truncated file") for i in range(7)]
+    lines = skipped_lines(items, "S", shown=3)
+    assert lines[:3] == ["  d/0.png: truncated file", "  d/1.png: truncated file", "  d/2.png: truncated file"]
+    assert lines[3] == "  (4 more; full list: morphcache store skipped S [--csv FILE], or store info --json)"
+    assert skipped_lines([], "S") == []
 
 
 def test_skipped_store_replays(skipped_store):

@@ -171,6 +171,32 @@ def test_timm_errors(tmp_path):
         load_teacher("timm", "vit_tiny_patch16_224", str(bad), image_size=32)
 
 
+def test_timm_and_open_clip_refuse_sizes_that_are_not_whole_patches(tiny_clip_weights):
+    """A patch-16 timm model at 100 px would give a 6x6 grid covering the top-left 96 px only: refused."""
+    with pytest.raises(ConfigError, match=r"^--image-size 100 is not a whole number of timm:vit_tiny_patch16_224's "
+                                          r"16-pixel patches .*cover only 96 of 100 pixels.*use --image-size 96 or 112$"):
+        load_teacher("timm", "vit_tiny_patch16_224", None, image_size=100)
+    with pytest.raises(ConfigError, match=r"--image-size 36 .*open_clip:mc-test-tiny-vit's 8-pixel patches.*32 or 40$"):
+        load_teacher("open_clip", TINY_CLIP, tiny_clip_weights, image_size=36)
+    with pytest.raises(ConfigError, match="use --image-size 8$"):
+        load_teacher("open_clip", TINY_CLIP, None, image_size=5)
+    assert load_teacher("open_clip", TINY_CLIP, tiny_clip_weights, image_size=40).spec.n_tokens == 25
+
+
+def test_extract_refuses_a_teacher_size_that_is_not_whole_patches(tmp_path, capsys):
+    from PIL import Image
+
+    from morphcache.cli import main
+
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (20, 20), (9, 99, 199)).save(tmp_path / "d" / "a.png")
+    code = main(["extract", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s.zarr"),
+                 "--teacher", "timm:vit_tiny_patch16_224", "--image-size", "100", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "96 or 112" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_load_teacher_from_spec_checks_the_weight_hash(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), path)

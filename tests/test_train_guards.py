@@ -19,13 +19,41 @@ def test_student_size_follows_the_teacher_grid():
     assert guards.resolve_student_size(spec, patch_size=14, img_size=56) == 56  # patch-14 reads the crop at 56 px
     with pytest.raises(ConfigError, match=r"grid mismatch.*3x3.*4x4.*--img-size 64"):
         guards.resolve_student_size(spec, patch_size=16, img_size=48)
-    with pytest.raises(ConfigError, match="not a multiple"):
+    with pytest.raises(ConfigError, match=r"--img-size 60 is not a whole number of .*16-pixel patches.*use --img-size "
+                                          r"48 or 64 \(the store's 4x4 teacher grid needs --img-size 64\)$"):
         guards.resolve_student_size(spec, patch_size=16, img_size=60)
     with pytest.raises(ConfigError, match="grid mismatch"):
         guards.check_student_grid(spec, (5, 5))
     guards.check_student_grid(spec, (4, 4))
     assert guards.student_patch_size("vit_tiny_patch16") == 16
     assert guards.student_patch_size("vit_small_patch14_dinov2") == 14
+
+
+@pytest.mark.parametrize("size, patch, hint", [(100, 16, "96 or 112"), (10, 16, "16"), (127, 8, "120 or 128"),
+                                               (0, 16, "16")])
+def test_every_model_input_size_is_a_whole_number_of_patches(size, patch, hint):
+    """One helper refuses every teacher and student size that is not whole patches (size, patch, nearest sizes)."""
+    from morphcache.geometry import check_patch_multiple
+
+    with pytest.raises(ConfigError, match=rf"^--x {size} is not a whole number of m's {patch}-pixel patches.*"
+                                          rf"use --x {hint}$"):
+        check_patch_multiple(size, patch, option="--x", model="m")
+    assert check_patch_multiple(112, 16, option="--x", model="m") == 7
+
+
+def test_student_refuses_a_size_that_is_not_whole_patches(tmp_path, capsys):
+    """The student's own builder (train, eval random:) and the train CLI refuse --img-size 100 with patch 16."""
+    from morphcache.train.student import create_backbone
+
+    with pytest.raises(ConfigError, match=r"--img-size 100 .*vit_tiny_patch16_224's 16-pixel patches.*96 or 112"):
+        create_backbone("vit_tiny_patch16_224", 100)
+    assert create_backbone("vit_tiny_patch16_224", 32).patch_embed.grid_size == (2, 2)
+    make_store(tmp_path / "s", n_images=4, chunk_images=2)  # 4x4 teacher grid
+    code = main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--batch-size", "2",
+                 "--model", "vit_tiny_patch16_224", "--img-size", "100"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "--img-size 100" in err and "16-pixel patches" in err and "96 or 112" in err and "--img-size 64" in err
 
 
 def test_width_mismatch_names_the_field():

@@ -2,7 +2,8 @@
 
 SPEC forms (optional query ``?train=N&test=M&seed=S`` subsamples each split, stratified and seeded):
 
-- ``fashion-mnist[:DIR]``: idx files (``.gz`` or plain), default DIR ``/usr/share/datasets/fashion-mnist``;
+- ``fashion-mnist[:DIR]``: idx files (``.gz`` or plain), default DIR ``$MORPHCACHE_FASHION_MNIST`` or else
+  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``), see :func:`fashion_mnist_dir`;
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 75/25 split (seed 0);
 - ``cifar10:DIR`` / ``cifar100:DIR``: the python-pickle batches (``cifar-10-batches-py`` / ``cifar-100-python``);
 - ``folder:DIR``: ``DIR/train/<class>/*`` plus ``DIR/test`` (or ``DIR/val``), listed by the one folder rule of
@@ -18,6 +19,7 @@ Grayscale sources are expanded to three channels; resizing to a model's input ha
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,21 @@ import numpy as np
 from morphcache.errors import MorphcacheError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: Environment variable that points ``fashion-mnist`` (and ``morphcache demo``) at another idx folder.
+FASHION_MNIST_ENV = "MORPHCACHE_FASHION_MNIST"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 _QUERY_KEYS = ("train", "test", "seed")
+
+
+def fashion_mnist_dir() -> Path:
+    """The Fashion-MNIST idx folder: ``$MORPHCACHE_FASHION_MNIST`` when set, else :data:`FASHION_MNIST_DIR`.
+
+    The one setting for where Fashion-MNIST lives (``fashion-mnist`` without ``:DIR``, and the demo's choice of
+    data); pointing it at an empty folder makes the demo use its bundled fallback images.
+    """
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR).expanduser()
 
 
 @dataclass
@@ -111,8 +124,8 @@ def _find(root: Path, stem: str) -> Path:
 
 def _load_fashion_mnist(root: Path):
     if not root.is_dir():
-        raise MorphcacheError(f"fashion-mnist folder {root} does not exist; install dataset-fashion-mnist or pass "
-                              "fashion-mnist:DIR")
+        raise MorphcacheError(f"fashion-mnist folder {root} does not exist; install dataset-fashion-mnist, pass "
+                              f"fashion-mnist:DIR or set {FASHION_MNIST_ENV}=DIR")
     parts = []
     for prefix in ("train", "t10k"):
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
@@ -295,7 +308,7 @@ def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
     if kind in ("folder", "cifar10", "cifar100") and not arg:
         raise MorphcacheError(f"dataset spec {spec!r} needs a folder: {kind}:DIR")
     if kind == "fashion-mnist":
-        train, test, classes = _load_fashion_mnist(Path(arg or FASHION_MNIST_DIR).expanduser())
+        train, test, classes = _load_fashion_mnist(Path(arg).expanduser() if arg else fashion_mnist_dir())
     elif kind == "digits":
         train, test, classes = _load_digits()
     elif kind in ("cifar10", "cifar100"):

@@ -155,8 +155,12 @@ def _client(address: str | None, n_workers: int | None, gpu: bool = False):
                           "check the address or use --dask local") from None
 
 
-def run_dask(store, chunks, opts):
-    """Fan ``chunks`` of ``store`` out as one task per chunk; returns the merged RunStats."""
+def run_dask(store, chunks, opts, on_submit=None):
+    """Fan ``chunks`` of ``store`` out as one task per chunk; returns the merged RunStats.
+
+    ``on_submit()``, when given, is called once the scheduler is reached, just before the first task is submitted
+    (from then on workers may write into the store).
+    """
     from dask.distributed import as_completed
 
     from morphcache.extract.pipeline import RunStats
@@ -173,6 +177,8 @@ def run_dask(store, chunks, opts):
     t0 = time.perf_counter()
     try:
         total = rows_in(store, chunks)
+        if on_submit is not None:
+            on_submit()
         futures = [
             client.submit(extract_chunk_task, str(store.path), int(c), teacher_args, opts.batch_size,
                           opts.workers, opts.on_bad_image, opts.threads, opts.renderer, key=f"morphcache-extract-{store.path.name}-{c}",

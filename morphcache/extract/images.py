@@ -239,3 +239,59 @@ def decode_rgb(encoded: bytes) -> np.ndarray:
     """uint8 (H, W, 3): PIL's RGB decode of canonical bytes (reference for renderers and tests)."""
     with Image.open(io.BytesIO(encoded)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def to_uint8_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Any in-memory image array -> contiguous uint8 RGB ``(H, W, 3)``, under this module's policy.
+
+    For arrays that do not come from a file (``skimage.data``, scikit-learn, idx or pickle datasets), so they
+    reach PNG/DALI/PIL as the same pixels a file would.
+
+    Shapes: ``(H, W)`` and ``(H, W, 1)`` gray (copied to 3 channels), ``(H, W, 2)`` gray + alpha, ``(H, W, 3)``
+    RGB, ``(H, W, 4)`` RGBA; alpha is dropped, not composited (as for files). Any ``H, W >= 1``.
+
+    Values:
+
+    - ``bool``: False -> 0, True -> 255;
+    - ``uint8``: unchanged;
+    - wider unsigned integers: the high byte (``v >> (bits - 8)``; 16-bit ``v >> 8`` as for 16-bit files);
+    - signed integers: the dtype's whole range mapped linearly onto 0..255 (offset binary, then the high byte;
+      int8 -128 -> 0, 127 -> 255);
+    - floats: if every finite value lies in [0, 1], ``round(255 v)``; otherwise the finite values' min..max is
+      stretched onto 0..255 (a constant image gives 0). NaN -> 0, +inf -> 255, -inf -> 0.
+
+    Raises :class:`~morphcache.errors.MorphcacheError` naming the shape or dtype for anything else (empty,
+    1-D, more than 4 channels, complex, object).
+    """
+    a = np.asarray(pixels)
+    if a.ndim == 3 and a.shape[2] in (1, 2, 3, 4):
+        a = a[..., :1] if a.shape[2] in (1, 2) else a[..., :3]  # gray(+alpha) -> gray; RGB(A) -> RGB
+    elif a.ndim != 2:
+        raise MorphcacheError(f"image array of shape {a.shape}: use (H, W), or (H, W, C) with C 1 to 4")
+    if a.size == 0:
+        raise MorphcacheError(f"image array of shape {a.shape} has no pixels")
+    kind = a.dtype.kind
+    if kind == "b":
+        out = a.astype(np.uint8) * np.uint8(255)
+    elif kind == "u":
+        out = (a >> (8 * a.dtype.itemsize - 8)).astype(np.uint8) if a.dtype.itemsize > 1 else a.astype(np.uint8)
+    elif kind == "i":
+        bits = 8 * a.dtype.itemsize
+        udtype = np.dtype(f"u{a.dtype.itemsize}")
+        offset = a.astype(udtype) ^ np.array(1 << (bits - 1), dtype=udtype)  # two's complement -> offset binary
+        out = (offset >> (bits - 8)).astype(np.uint8)
+    elif kind == "f":
+        v = a.astype(np.float64)
+        finite = np.isfinite(v)
+        lo, hi = (float(v[finite].min()), float(v[finite].max())) if finite.any() else (0.0, 1.0)
+        if lo < 0.0 or hi > 1.0:
+            v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+        v = np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0)
+        out = np.rint(np.clip(v, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise MorphcacheError(f"image array of dtype {a.dtype}: use bool, integer or floating-point pixels")
+    if out.ndim == 2:
+        out = out[..., None]
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return np.ascontiguousarray(out)

@@ -14,7 +14,10 @@ initialised from a fixed seed, so every process (resume, shards, dask workers, r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,25 +330,114 @@ def create_store(path: str | os.PathLike, spec, table):
     """:meth:`FeatureStore.create` under a lock on the parent folder (shards may start together).
 
     A store whose creation was killed (zarr metadata but no spec attribute, only morphcache's arrays) is
-    removed and created again; anything else keeps FeatureStore's refusals.
+    removed and created again; anything else keeps FeatureStore's refusals. Runs use :func:`run_store`, which
+    also undoes a failed run's new store.
     """
-    import fcntl
-    import shutil
+    with run_store(path, spec, table, remove_on_failure=False) as store:
+        return store
 
+
+@contextlib.contextmanager
+def run_store(path: str | os.PathLike, spec, table, remove_on_failure=True):
+    """Create (or open, to resume) the store at ``path`` for one extraction run and yield it.
+
+    A failed run changes nothing: if the body raises (any exception, Ctrl-C included) and this call created the
+    store (``path`` was absent or an empty folder) and no chunk of it is finished, the store is removed again,
+    with any parent folders this call made, and an empty ``path`` folder is left empty. A store that existed
+    before (a resume) is never removed; neither is one another process (a shard started together) still
+    holds: every run holds a shared ``flock`` on the store folder while it lasts, and removal needs it exclusive.
+    ``remove_on_failure``: a bool, or a callable asked at failure time (False keeps the store).
+    """
     from morphcache.store.feature_store import ATTR_KEY, FeatureStore
 
     path = Path(path)
     parent = path.resolve().parent
+    made = _absent_folders(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _folder_lock(parent):
         if _interrupted_creation(path, ATTR_KEY):
             shutil.rmtree(path)
-        return FeatureStore.create(path, spec, table)
+        was_empty = path.is_dir() and not any(path.iterdir())
+        fresh = was_empty or not path.exists()
+        try:
+            store = FeatureStore.create(path, spec, table)
+        except BaseException:
+            if fresh and _wanted(remove_on_failure):
+                _remove_new_store(path, was_empty, made)
+            raise
+        held = os.open(path, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_SH)  # taken under the parent lock, so a failing run sees it
+    try:
+        yield store
+    except BaseException:
+        if fresh and _wanted(remove_on_failure):
+            with _folder_lock(parent):
+                if _sole_user(held) and not _any_chunk_finished(path):
+                    _remove_new_store(path, was_empty, made)
+        raise
+    finally:
+        os.close(held)
+
+
+def _wanted(flag) -> bool:
+    return bool(flag()) if callable(flag) else bool(flag)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _absent_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    out = []
+    while not folder.exists():
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _sole_user(held: int) -> bool:
+    """Upgrade this run's shared lock on the store folder to exclusive without waiting: False if another process
+    (a shard of the same store) holds it too."""
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _any_chunk_finished(path: Path) -> bool:
+    from morphcache.store.feature_store import FeatureStore
+
+    try:
+        return bool(FeatureStore.open(path, "r").progress().any())
+    except Exception:  # noqa: BLE001 - unreadable: keep it, as for a finished chunk
+        return True
+
+
+def _remove_new_store(path: Path, was_empty: bool, made: list[Path]) -> None:
+    """Undo a store this run created: its files (``path`` stays if it was an empty folder before), then the
+    parent folders the run made."""
+    if was_empty:
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # no longer empty (another run uses it) or gone
+            break
 
 
 _CREATED_NAMES = {"zarr.json", "tokens", "scales", "pooled", "views", "images", "progress", "checksums"}
@@ -394,7 +486,7 @@ def validate(opts: ExtractOptions) -> None:
 
 @dataclass
 class ExtractSummary:
-    """The end-of-run report: this run's work and the store's state."""
+    """The end-of-run report: this run's work and the store's state, naming the first skipped files."""
 
     store: str
     stats: RunStats
@@ -402,12 +494,15 @@ class ExtractSummary:
     done_chunks: int
     n_rows: int
     skipped: dict[str, int]
+    skipped_images: list = field(default_factory=list)  # SkippedImage, every one in the store's finished chunks
 
     @property
     def complete(self) -> bool:
         return self.done_chunks == self.n_chunks
 
     def lines(self) -> list[str]:
+        from morphcache.store.skipped import skipped_lines
+
         st = self.stats
         rate = st.views / st.seconds if st.seconds > 0 else 0.0
         steady = f", pipeline {st.views / st.pipeline_seconds:.1f} views/s" if st.pipeline_seconds > 0 else ""
@@ -415,17 +510,16 @@ class ExtractSummary:
                 f"{steady}); store {self.store}: {self.done_chunks}/{self.n_chunks} chunks complete")]
         if self.skipped:
             out.append("skipped images: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())))
+            out += skipped_lines(self.skipped_images, self.store)
         return out
 
 
 def summarize(store, stats: RunStats) -> ExtractSummary:
-    from morphcache.store.image_table import STATUS_PENDING, STATUS_REASONS
+    from morphcache.store.skipped import skipped_counts, skipped_images
 
-    status = store.image_status()
-    done = np.repeat(store.progress().astype(bool), store.spec.chunk_images)[: store.spec.n_images]
-    codes, counts = np.unique(status[done & (status != 0) & (status != STATUS_PENDING)], return_counts=True)
-    skipped = {STATUS_REASONS.get(int(c), f"status {int(c)}"): int(n) for c, n in zip(codes, counts)}
-    return ExtractSummary(str(store.path), stats, store.n_chunks, int(store.progress().sum()), store.n_rows, skipped)
+    skipped = skipped_images(store)
+    return ExtractSummary(str(store.path), stats, store.n_chunks, int(store.progress().sum()), store.n_rows,
+                          skipped_counts(skipped), skipped)
 
 
 def run_extraction(opts: ExtractOptions) -> ExtractSummary:
@@ -448,18 +542,23 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     try:
         teacher = build_teacher(**opts.teacher_args())
         spec, table = plan_store(opts, teacher.spec)
-        store = create_store(opts.out, spec, table)
-        todo = store.missing_chunks()
-        if opts.shard is not None:
-            todo = distributed.shard_chunks(todo, *opts.shard)
-        if opts.dask is not None or opts.dask_workers is not None:
-            del teacher  # the workers load their own
-            stats = distributed.run_dask(store, todo, opts)
-        else:
-            extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers, opts.renderer)
-            with progress_bar(total=distributed.rows_in(store, todo), description="extract", unit="views") as bar:
-                # the manifest just written is the store's image table
-                stats = extractor.run(store, todo, images=table, on_bad_image=opts.on_bad_image, bar=bar)
+        # Tasks running on a remote dask scheduler's workers may still write after a failure: once they are
+        # submitted, a new store is kept (a local cluster is shut down before the error reaches run_store).
+        remote = opts.dask not in (None, "", "local")
+        undo = {"allowed": True}
+        with run_store(opts.out, spec, table, remove_on_failure=lambda: undo["allowed"]) as store:
+            todo = store.missing_chunks()
+            if opts.shard is not None:
+                todo = distributed.shard_chunks(todo, *opts.shard)
+            if opts.dask is not None or opts.dask_workers is not None:
+                del teacher  # the workers load their own
+                stats = distributed.run_dask(store, todo, opts,
+                                             on_submit=lambda: undo.update(allowed=not remote))
+            else:
+                extractor = ChunkExtractor(teacher, opts.batch_size, opts.workers, opts.renderer)
+                with progress_bar(total=distributed.rows_in(store, todo), description="extract", unit="views") as bar:
+                    # the manifest just written is the store's image table
+                    stats = extractor.run(store, todo, images=table, on_bad_image=opts.on_bad_image, bar=bar)
     finally:
         torch.set_num_threads(previous_threads)
     stats.seconds = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""``morphcache store info | verify | stats`` (``replay-check`` and ``show`` are added by ``morphcache.cli``).
+"""``morphcache store info | verify | stats | skipped`` (``replay-check`` and ``show`` are added by ``morphcache.cli``).
 
 Exit codes: 0 success, 1 ``verify`` found bad chunks, 2 bad input (one line naming the path and the problem,
 raised as :class:`morphcache.errors.StoreError` and printed by ``morphcache.cli.main``). None of these
@@ -29,6 +29,30 @@ def info_command(
 
     info = store_info(FeatureStore.open(path, "r"))
     typer.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+    return 0
+
+
+@app.command("skipped")
+def skipped_command(
+    path: StorePath,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the list to this CSV file instead of stdout")] = None,
+) -> int:
+    """Every image extraction skipped, with its reason, as CSV: image, path (relative to the dataset root), file,
+    status, reason."""
+    from morphcache.errors import ConfigError
+    from morphcache.store.feature_store import FeatureStore
+    from morphcache.store.skipped import skipped_csv, skipped_images
+
+    skipped = skipped_images(FeatureStore.open(path, "r"))
+    text = skipped_csv(skipped)
+    if csv_path is None:
+        typer.echo(text, nl=False)
+    else:
+        try:
+            csv_path.write_text(text, encoding="utf-8", newline="")
+        except OSError as e:
+            raise ConfigError(f"--csv {csv_path}: cannot write ({e.strerror or type(e).__name__}); pass a writable file path") from None
+        typer.echo(f"{path}: {len(skipped)} skipped images written to {csv_path}")
     return 0
 
 

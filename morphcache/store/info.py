@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from morphcache.schemas import N_VIEW_PARAMS
 from morphcache.store.feature_store import FeatureStore, ShardRowReader, stored_bytes
 from morphcache.store.image_table import STATUS_REASONS
 from morphcache.store.quantize import bytes_per_view
+from morphcache.store.skipped import SkippedImage, skipped_images, skipped_lines
 
 
 def _array_names(store: FeatureStore) -> list[str]:
@@ -21,7 +23,9 @@ def _array_names(store: FeatureStore) -> list[str]:
 
 
 def store_info(store: FeatureStore) -> dict:
-    """Spec, fill progress, image status counts, bytes on disk (total, per array) and bytes per view."""
+    """Spec, fill progress, image status counts, every skipped image (``skipped``: image id, path relative to the
+    dataset root, file, status code, reason; see :mod:`morphcache.store.skipped`), bytes on disk (total, per
+    array) and bytes per view."""
     spec = store.spec
     progress = store.progress()
     status = store.image_status()
@@ -47,6 +51,7 @@ def store_info(store: FeatureStore) -> dict:
                      "rows_written": written_rows, "rows_servable": int(store.ok_rows().size),
                      "missing_chunks": store.missing_chunks()[:50]},
         "images": {STATUS_REASONS.get(int(c), f"status {int(c)}"): int(n) for c, n in zip(codes, counts)},
+        "skipped": [asdict(s) for s in skipped_images(store)],
         "disk": {"total_bytes": total, "per_array_bytes": per_array,
                  "bytes_per_view_on_disk": data_bytes / written_rows if written_rows else None,
                  "bytes_per_view_uncompressed": bytes_per_view(spec.dtype, spec.n_tokens, spec.dim,
@@ -84,6 +89,9 @@ def format_info(info: dict) -> str:
         f"disk        {_size(dk['total_bytes'])} total; " + ", ".join(f"{k} {_size(v)}" for k, v in dk["per_array_bytes"].items()),
         f"per view    {_size(dk['bytes_per_view_on_disk'])} on disk, {_size(dk['bytes_per_view_uncompressed'])} uncompressed",
     ]
+    if info["skipped"]:
+        lines.append(f"skipped     {len(info['skipped'])} images in finished chunks")
+        lines += skipped_lines([SkippedImage(**s) for s in info["skipped"]], info["path"])
     if pr["missing_chunks"]:
         lines.append("missing     chunks " + ", ".join(map(str, pr["missing_chunks"])) + (" ..." if pr["chunks_total"] - pr["chunks_done"] > 50 else ""))
     return "\n".join(lines)

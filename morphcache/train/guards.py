@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from morphcache.errors import ConfigError, StoreError
+from morphcache.geometry import check_patch_multiple
 from morphcache.schemas import RunConfig, StoreSpec
 
 #: RunConfig fields that may change between a run and its ``--resume`` without changing the result.
@@ -39,9 +40,8 @@ def resolve_student_size(spec: StoreSpec, patch_size: int, img_size: int | None 
     want = gh * patch_size
     if img_size is None:
         return want
-    if img_size % patch_size:
-        raise ConfigError(f"img_size={img_size} is not a multiple of the student's patch {patch_size}; use {want}")
-    if img_size // patch_size != gh:
+    note = f" (the store's {gh}x{gw} teacher grid needs --img-size {want})"
+    if check_patch_multiple(img_size, patch_size, option="--img-size", model="the student", note=note) != gh:
         raise ConfigError(
             f"grid mismatch: img_size={img_size} gives the student a {img_size // patch_size}x{img_size // patch_size} "
             f"grid but the store's teacher grid is {gh}x{gw} ({spec.teacher.image_size}px / patch "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from morphcache.errors import ConfigError, MorphcacheError
+from morphcache.geometry import check_patch_multiple
 
 REQUIRED_CHECKPOINT_KEYS = ("model", "config", "target_dim", "img_size", "mean", "std")
 
@@ -71,6 +72,7 @@ def create_backbone(
             raise ConfigError(f"student '{name}' is not a plain timm VisionTransformer (no '{attr}'); pick a vit_*")
     if getattr(model, "dynamic_img_size", False):
         raise ConfigError(f"student '{name}' uses dynamic_img_size, which the MIM student does not support")
+    check_patch_multiple(img_size, model.patch_embed.patch_size[0], option="--img-size", model=name)
     return model
 
 

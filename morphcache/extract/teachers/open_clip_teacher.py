@@ -17,6 +17,7 @@ import torch
 
 from morphcache.errors import ConfigError
 from morphcache.extract.teachers.base import Precision, Teacher, check_precision, file_sha256
+from morphcache.geometry import check_patch_multiple
 from morphcache.schemas import CLIP_MEAN, CLIP_STD, TeacherSpec
 
 
@@ -84,6 +85,7 @@ def load_open_clip_teacher(arch: str, pretrained: str | None = None, image_size:
     side, patch = visual.image_size[0], visual.patch_size[0]
     if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
         raise ConfigError(f"open_clip architecture {arch!r} is not square; only square inputs are supported")
+    check_patch_multiple(side, patch, option="--image-size", model=f"open_clip:{arch}")
     width = visual.conv1.out_channels
     pooled_dim = visual.proj.shape[1] if visual.proj is not None else width
     pp = open_clip.get_model_preprocess_cfg(clip)

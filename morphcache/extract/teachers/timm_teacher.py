@@ -20,6 +20,7 @@ import torch
 
 from morphcache.errors import ConfigError
 from morphcache.extract.teachers.base import Precision, Teacher, check_precision, file_sha256
+from morphcache.geometry import check_patch_multiple
 from morphcache.schemas import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec
 
 
@@ -112,6 +113,9 @@ def load_timm_teacher(name: str, pretrained: str | None = None, image_size: int 
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ConfigError(f"timm model {name!r} does not accept img_size={image_size}: {e}") from e
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and pe.img_size is not None:  # timm_spec refuses models without a patch grid
+        check_patch_multiple(pe.img_size[0], pe.patch_size[0], option="--image-size", model=f"timm:{name}")
     if pretrained is not None:
         _load_weights(model, name, pretrained)
     spec = timm_spec(model, "timm", name, pretrained, file_sha256(pretrained) if pretrained else None)
