@@ -82,14 +82,10 @@ def main(argv=None) -> dict:
 
     from morphcache.cli import main as cli_main
     from morphcache.extract.images import load_canonical_bytes
-    from morphcache.extract.pipeline import (
-        ExtractOptions,
-        build_teacher,
-        cpu_count,
-        create_store,
-        make_renderer,
-        plan_store,
-    )
+    from morphcache.extract.pipeline import ExtractOptions
+    from morphcache.extract.engine import build_teacher, cpu_count
+    from morphcache.extract.store_setup import create_store, plan_store
+    from morphcache.extract.renderers import make_renderer
     from morphcache.extract.views import ViewSampler
 
     cores = cpu_count()

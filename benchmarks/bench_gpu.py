@@ -58,7 +58,7 @@ def environment() -> dict:
 
     import torch
 
-    from morphcache.extract.pipeline import dali_available
+    from morphcache.extract.renderers import dali_available
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
            "cuda_available": torch.cuda.is_available(), "dali": dali_available(), "cpus": os.cpu_count()}
@@ -178,7 +178,8 @@ def _morphcache(args: list[str], timeout: float) -> tuple[int, str]:
 def part_extract(quick: bool = False, ceiling: float | None = None) -> dict:
     """``morphcache extract`` end to end on CUDA (bf16 auto), views/s and the ratio to the teacher ceiling."""
     _cuda()
-    from morphcache.extract.pipeline import cpu_count, dali_available
+    from morphcache.extract.engine import cpu_count
+    from morphcache.extract.renderers import dali_available
 
     n = 512 if quick else 1536
     data = jpeg_folder(n)
@@ -208,7 +209,7 @@ def part_extract(quick: bool = False, ceiling: float | None = None) -> dict:
 def part_replay(quick: bool = False, store: str | None = None) -> dict:
     """Replay fidelity on CUDA: the CUDA-extracted store, and a CPU-extracted store replayed on CUDA."""
     _cuda()
-    from morphcache.extract.pipeline import dali_available
+    from morphcache.extract.renderers import dali_available
     from morphcache.extract.replay import replay_check
 
     out = {"rows": 32 if quick else 64, "runs": []}
@@ -241,7 +242,8 @@ def part_render(quick: bool = False) -> dict:
     """Views/s of the renderer alone (decode, crop, resize, jitter) per CPU thread count, at 224 px."""
     _cuda()
     from morphcache.extract.images import load_canonical_bytes
-    from morphcache.extract.pipeline import build_renderer, cpu_count, dali_available
+    from morphcache.extract.renderers import build_renderer, dali_available
+    from morphcache.extract.engine import cpu_count
     from morphcache.extract.views import ViewSampler
     from morphcache.schemas import AugmentSpec
 
@@ -329,7 +331,7 @@ def part_train_step(quick: bool = False) -> dict:
                                  "cached_images_per_s": round(batch / cached, 1), "live_images_per_s": round(batch / live, 1),
                                  "speedup": round(ratio, 3), "goal": goal, "flop_bound": bounds[name],
                                  "meets_goal": ratio >= goal}
-        del step, objective
+        del objective  # free this student before the next one (step is rebound next)
         torch.cuda.empty_cache()
     return out
 
@@ -339,7 +341,7 @@ def part_train_store(quick: bool = False) -> dict:
     torch = _cuda()
     from morphcache.train.sampler import EpochSampler
     from morphcache.train.targets import TargetPrefetcher
-    from tests._store_factory import make_store
+    from morphcache.testing.stores import make_store
 
     batch, iters = 128, (6 if quick else 20)
     base = Path(os.environ.get("MORPHCACHE_BENCH_TMP") or tempfile.mkdtemp(prefix="mc_gpu_"))

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from morphcache.schemas import N_VIEW_PARAMS, StoreSpec  # noqa: E402
 from morphcache.store.feature_store import FeatureStore, stored_bytes  # noqa: E402
@@ -67,7 +66,7 @@ def real_tokens(n: int, seed: int = 0):
 
 
 def synthetic_tokens(n: int, seed: int = 0):
-    from _store_factory import make_tokens
+    from morphcache.testing.stores import make_tokens
 
     from morphcache.schemas import TeacherSpec
 

@@ -144,7 +144,7 @@ def test_target_prefetcher_pinned_cuda_equals_read_tokens(tmp_path):
     between steps (the next read overwrites the pinned buffer while copies may still be in flight)."""
     from morphcache.train.sampler import EpochSampler
     from morphcache.train.targets import TargetPrefetcher
-    from tests._store_factory import make_store
+    from morphcache.testing.stores import make_store
 
     store = make_store(tmp_path / "s", n_images=64, views=2, chunk_images=8, T=64, D=96, seed=1)
     sampler = EpochSampler(store.ok_rows(), 2, batch_size=8, seed=0)
@@ -263,7 +263,7 @@ def test_cuda_request_works_and_auto_resolves_to_cuda():
 def test_host_copies_overlap_and_land_in_order():
     """Extraction's pinned side-stream copies: every batch's rows land in the chunk arrays exactly (the pinned
     slots alternate, so a slot is reused only after its copy was written out)."""
-    from morphcache.extract.pipeline import HostCopies
+    from morphcache.extract.engine import HostCopies
 
     copies = HostCopies("cuda")
     tokens = np.zeros((40, 16, 8), np.float32)

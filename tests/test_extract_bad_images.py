@@ -135,7 +135,7 @@ def test_an_image_dali_rejects_late_is_skipped_without_losing_its_batch(zoo, tmp
     """If DALI fails on an image that passed the checks, that image is marked corrupt and the rest still renders."""
     from morphcache.errors import BadImageError
     from morphcache.extract.manifest import build_manifest
-    from morphcache.extract.pipeline import make_renderer
+    from morphcache.extract.renderers import make_renderer
     from morphcache.extract.views import ViewSampler
     from morphcache.extract.workers import BatchRenderer, ChunkSource
     from morphcache.schemas import AugmentSpec, TeacherSpec

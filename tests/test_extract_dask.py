@@ -62,19 +62,39 @@ def test_dask_task_skips_done_chunks(tmp_path):
     assert arrays(out) == before and FeatureStore.open(out).is_complete()
 
 
-def test_worker_state_is_released_after_a_job(tmp_path):
-    """A worker caches its teacher and DALI pipeline across tasks; the driver releases them when the job ends."""
+def test_worker_state_is_a_plugin_kept_across_tasks_and_released_after_a_job(tmp_path):
+    """A worker keeps one teacher and image table across its tasks (in the registered WorkerPlugin, not in module
+    globals); unregistering the plugin at the end of a job releases them on the worker."""
+    from dask.distributed import Client, LocalCluster
+
     from morphcache.extract import distributed
+    from morphcache.extract.worker_state import PLUGIN_NAME, ExtractionWorkerState
     from morphcache.store.feature_store import FeatureStore
 
-    data = write_images(tmp_path / "imgs", 4)
+    data = write_images(tmp_path / "imgs", 8)
     out = tmp_path / "s"
     assert main(["extract", "--data", str(data), "--out", str(out), *ARGS, "--shard", "1/2"]) == 0  # half the chunks
     missing = FeatureStore.open(out).missing_chunks()
-    distributed.release_worker_state()
+    assert len(missing) >= 2
     teacher = {"teacher": "timm:vit_tiny_patch16_224", "image_size": 32, "projected": False, "device": "cpu",
                "precision": "fp32"}
-    res = distributed.extract_chunk_task(str(out), missing[0], teacher, 4, 1, "skip")
-    assert res["chunks"] == [missing[0]] and distributed._WORKER_EXTRACTORS and distributed._WORKER_TABLES
-    assert distributed.release_worker_state() == 1
-    assert not distributed._WORKER_EXTRACTORS and not distributed._WORKER_TABLES
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(ExtractionWorkerState())
+
+        def cached(dask_worker):
+            state = dask_worker.plugins[PLUGIN_NAME]
+            return len(state.extractors), len(state.tables)
+
+        for c in missing[:2]:
+            res = client.submit(distributed.extract_chunk_task, str(out), c, teacher, 4, 1, "skip", pure=False).result()
+            assert res["chunks"] == [c]
+        assert list(client.run(cached).values()) == [(1, 1)]  # one teacher, loaded once for both tasks
+        (worker,) = cluster.workers.values()
+        state_on_worker = worker.plugins[PLUGIN_NAME]
+        client.unregister_worker_plugin(PLUGIN_NAME)
+        assert not state_on_worker.extractors and not state_on_worker.tables  # teardown released them
+        assert all(PLUGIN_NAME not in w.plugins for w in cluster.workers.values())
+    state = ExtractionWorkerState()
+    state.extractors["x"], state.tables["y"] = object(), object()
+    assert state.release() == 1 and not state.extractors and not state.tables

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from morphcache.cli import main
-from tests._store_factory import make_images, make_spec
+from morphcache.testing.stores import make_image_table, make_spec
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4",
         "--threads", "1", "--chunk-images", "2", "--dtype", "float16", "--seed", "3"]
@@ -80,7 +80,9 @@ def test_every_early_failure_leaves_nothing(data, tmp_path, capsys, change):
 
 def test_a_resumed_store_is_never_removed(data, tmp_path, capsys):
     """A store that existed before the run (here: created, no chunk finished yet) stays when the resume fails."""
-    from morphcache.extract.pipeline import ExtractOptions, build_teacher, create_store, plan_store
+    from morphcache.extract.pipeline import ExtractOptions
+    from morphcache.extract.engine import build_teacher
+    from morphcache.extract.store_setup import create_store, plan_store
     from morphcache.store.feature_store import FeatureStore
 
     out = tmp_path / "store.zarr"
@@ -99,10 +101,10 @@ def test_a_resumed_store_is_never_removed(data, tmp_path, capsys):
 def test_run_store_undoes_only_what_nobody_else_uses(tmp_path):
     """The library level: any exception (Ctrl-C too) removes a new store, unless another process (a shard of
     the same store) holds it or a chunk is finished."""
-    from morphcache.extract.pipeline import run_store
+    from morphcache.extract.store_setup import run_store
     from morphcache.store.feature_store import FeatureStore
 
-    spec, table = make_spec(n_images=4), make_images(4)
+    spec, table = make_spec(n_images=4), make_image_table(4)
     out = tmp_path / "s"
     with pytest.raises(KeyboardInterrupt):
         with run_store(out, spec, table):

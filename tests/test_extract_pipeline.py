@@ -76,7 +76,7 @@ def reference(tmp_path_factory, data) -> Path:
 
 def test_store_holds_sampled_views_and_teacher_tokens(reference, data):
     from morphcache.extract.images import load_canonical_bytes
-    from morphcache.extract.pipeline import teacher_from_spec
+    from morphcache.extract.engine import teacher_from_spec
     from morphcache.extract.render_dali import DaliRenderer
     from morphcache.extract.views import ViewSampler
     from morphcache.store.feature_store import FeatureStore
@@ -132,7 +132,7 @@ def test_shard_syntax_is_checked(data, tmp_path, capsys):
 
 def test_teacher_sees_fixed_size_batches(reference):
     """6 rows per chunk with batch 4: every rendered batch is (4, 3, 32, 32), the last padded."""
-    from morphcache.extract.pipeline import make_renderer
+    from morphcache.extract.renderers import make_renderer
     from morphcache.extract.views import ViewSampler
     from morphcache.extract.workers import BatchRenderer, ChunkSource
     from morphcache.store.feature_store import FeatureStore

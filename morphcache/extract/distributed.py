@@ -7,8 +7,8 @@ checksum file each), so processes on different chunks never write the same file.
   launcher (SLURM array, a shell loop). The store is created under a lock, so shards may start together.
 - ``--dask``: the driver creates the store once, then submits one task per missing chunk. A task opens the store,
   re-checks ``progress[c]`` (skips done chunks, so a re-run or a retried task is harmless) and runs the same
-  overlapped pipeline as a local run. Teacher and DALI renderer are built once per worker process and cached in a
-  module-level global. ``local`` starts an embedded ``LocalCluster`` (``--dask-workers`` processes, one thread
+  engine as a local run (:mod:`morphcache.extract.engine`). Teacher and renderer are built once per worker process
+  and kept in a ``WorkerPlugin`` (:mod:`morphcache.extract.worker_state`) that the job registers and removes. ``local`` starts an embedded ``LocalCluster`` (``--dask-workers`` processes, one thread
   each; default one per core); anything else is a scheduler address.
 - GPUs: with a CUDA teacher, ``local`` starts one worker per visible GPU, each pinned to its device through its
   own ``CUDA_VISIBLE_DEVICES`` (dask-cuda's ``LocalCUDACluster`` when it is installed, else a ``SpecCluster`` of
@@ -19,17 +19,11 @@ checksum file each), so processes on different chunks never write the same file.
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 from morphcache.errors import ConfigError
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-#: Per-worker-process caches: (teacher args, batch size, workers) -> ChunkExtractor; (store, fingerprint) -> table.
-_WORKER_EXTRACTORS: dict = {}
-_WORKER_TABLES: dict = {}
-_WORKER_LOCK = threading.Lock()
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -53,33 +47,6 @@ def rows_in(store, chunks) -> int:
     return int(sum(b - a for a, b in (store.chunk_row_range(c) for c in chunks)))
 
 
-def _extractor(teacher_args: dict, batch_size: int, workers: int, renderer: str = "dali"):
-    """The worker's cached :class:`ChunkExtractor` (teacher loaded once per worker process)."""
-    from morphcache.extract.pipeline import ChunkExtractor, build_teacher
-
-    key = (tuple(sorted(teacher_args.items())), int(batch_size), int(workers), renderer)
-    with _WORKER_LOCK:
-        ex = _WORKER_EXTRACTORS.get(key)
-        if ex is None:
-            ex = _WORKER_EXTRACTORS[key] = ChunkExtractor(build_teacher(**teacher_args), batch_size, workers,
-                                                          renderer)
-    return ex
-
-
-def release_worker_state() -> int:
-    """Drop this worker process's cached teachers, DALI pipelines and image tables (run on every worker when a
-    job ends: a long-lived remote worker should not keep our teacher in its memory, and a worker holding DALI's
-    threads is slow to exit). Returns how many extractors were dropped."""
-    import gc
-
-    with _WORKER_LOCK:
-        n = len(_WORKER_EXTRACTORS)
-        _WORKER_EXTRACTORS.clear()
-        _WORKER_TABLES.clear()
-    gc.collect()
-    return n
-
-
 def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_size: int, workers: int,
                        on_bad_image: str, threads: int | None = None, renderer: str = "dali") -> dict:
     """One dask task: extract ``chunk`` of the store unless it is already done. Returns RunStats as a dict.
@@ -96,13 +63,12 @@ def extract_chunk_task(store_path: str, chunk: int, teacher_args: dict, batch_si
     store = FeatureStore.open(store_path, mode="a")
     if int(store.progress()[chunk]) == 1:
         return {"chunks": [], "views": 0, "bad": []}
-    ex = _extractor(teacher_args, batch_size, workers, renderer)
-    with _WORKER_LOCK:  # one chunk at a time per process: the teacher and the DALI pipeline are not shared
-        key = (str(store.path.resolve()), store.spec.dataset_fingerprint)
-        if key not in _WORKER_TABLES:
-            _WORKER_TABLES.clear()
-            _WORKER_TABLES[key] = store.image_table()
-        stats = ex.run(store, [chunk], images=_WORKER_TABLES[key], on_bad_image=on_bad_image)
+    from morphcache.extract.worker_state import current_state
+
+    state = current_state()
+    with state.lock:
+        ex = state.extractor(teacher_args, batch_size, workers, renderer)
+        stats = ex.run(store, [chunk], images=state.image_table(store), on_bad_image=on_bad_image)
     return {"chunks": stats.chunks, "views": stats.views, "bad": stats.bad}
 
 
@@ -139,7 +105,7 @@ def _client(address: str | None, n_workers: int | None, gpu: bool = False):
     ``gpu``), else a scheduler address."""
     from dask.distributed import Client, LocalCluster
 
-    from morphcache.extract.pipeline import cpu_count
+    from morphcache.extract.engine import cpu_count
 
     if gpu and address in (None, "", "local"):
         cluster = gpu_cluster(n_workers)
@@ -163,14 +129,17 @@ def run_dask(store, chunks, opts, on_submit=None):
     """
     from dask.distributed import as_completed
 
-    from morphcache.extract.pipeline import RunStats
+    from morphcache.extract.engine import RunStats
     from morphcache.progress import progress_bar
+
+    from morphcache.extract.worker_state import PLUGIN_NAME, ExtractionWorkerState
 
     stats = RunStats()
     if not chunks:
         return stats
     gpu = str(opts.device).startswith("cuda")
     client, cluster = _client(opts.dask, opts.dask_workers, gpu=gpu)
+    client.register_plugin(ExtractionWorkerState())
     teacher_args = opts.teacher_args()
     if gpu and cluster is not None:
         teacher_args["device"] = "cuda"  # each embedded worker sees only its own GPU, as cuda:0
@@ -198,7 +167,7 @@ def run_dask(store, chunks, opts, on_submit=None):
                 raise
     finally:
         try:
-            client.run(release_worker_state)
+            client.unregister_worker_plugin(PLUGIN_NAME)  # runs teardown (release) on every worker
         except Exception:  # noqa: BLE001 - best effort: a worker that died has nothing left to release
             pass
         client.close()

@@ -86,9 +86,9 @@ def load_view_inputs(store, rows: np.ndarray, images=None) -> tuple[list[bytes],
 def render_views(encoded: list[bytes], params: np.ndarray, size: int, mean, std, interpolation: str,
                  renderer: str = "dali", batch_size: int = 16, num_threads: int = 1, device: str = "cpu"):
     """Yield ``(start, images float32 (b, 3, S, S))`` for consecutive batches of the views, rendered by
-    ``renderer`` (:data:`morphcache.extract.pipeline.RENDERERS`; ``dali`` decodes on the GPU when ``device`` is
+    ``renderer`` (:data:`morphcache.extract.renderers.RENDERERS`; ``dali`` decodes on the GPU when ``device`` is
     CUDA)."""
-    from morphcache.extract.pipeline import build_renderer
+    from morphcache.extract.renderers import build_renderer
 
     r = build_renderer(renderer, size, mean, std, interpolation, batch_size, num_threads, device)
     for s in range(0, len(encoded), batch_size):
@@ -98,7 +98,7 @@ def render_views(encoded: list[bytes], params: np.ndarray, size: int, mean, std,
 def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int = 0, batch_size: int = 16,
                  device: str = "cpu", precision: str | None = None, weights: str | None = None) -> ReplayReport:
     """Re-render ``rows`` stored views, re-run the store's teacher and compare tokens with the cache."""
-    from morphcache.extract.pipeline import teacher_from_spec
+    from morphcache.extract.engine import teacher_from_spec
     from morphcache.store.feature_store import FeatureStore
     from morphcache.store.quantize import token_cosine
 

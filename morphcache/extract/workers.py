@@ -47,15 +47,31 @@ class ChunkPlan:
         return int(self.views.shape[0])
 
 
-@dataclass
-class RenderedBatch:
-    """``images`` float32 (B, 3, S, S), normalized; only the first ``len(rows)`` are real (the rest pad)."""
+@dataclass(frozen=True)
+class ChunkStarted:
+    """Event: rendering of chunk ``chunk`` began; the consumer allocates ``n_rows`` rows of outputs."""
 
-    plan: ChunkPlan
+    chunk: int
+    n_rows: int
+
+
+@dataclass(frozen=True)
+class BatchRendered:
+    """Event: ``images`` float32 (B, 3, S, S), normalized, of chunk ``chunk``; only the first ``len(rows)`` are real
+    (the rest pad). ``rows`` are chunk-local row ids, ``index`` the batch's position in the chunk."""
+
+    chunk: int
     index: int
     rows: np.ndarray
     images: object
 
+
+@dataclass(frozen=True)
+class ChunkFinished:
+    """Event: every batch of the chunk was handed over; ``plan`` is final (status, views and ``bad`` include late
+    render failures) and is no longer touched by the render thread."""
+
+    plan: ChunkPlan
 
 class ChunkSource:
     """Reads one chunk's images and samples their views (no rendering).
@@ -132,8 +148,8 @@ class BatchRenderer:
         self.renderer = renderer
         self.batch_size = int(batch_size)
 
-    def batches(self, plan: ChunkPlan, encoded: list[bytes]) -> Iterator[RenderedBatch]:
-        """Yield the chunk's :class:`RenderedBatch` objects in row order.
+    def batches(self, plan: ChunkPlan, encoded: list[bytes]) -> Iterator[BatchRendered]:
+        """Yield the chunk's :class:`BatchRendered` events in row order.
 
         An image that DALI cannot render (after :mod:`images` accepted it) is marked corrupt in ``plan``
         (status, zero view rows, ``bad``), its rows leave the render list and rendering goes on; rows of it already
@@ -163,18 +179,27 @@ class BatchRenderer:
                 plan.bad.append((plan.paths[k] if plan.paths else str(k), int(plan.status[k])))
                 rows_left = rows_left[:pos] + [r for r in rows_left[pos:] if r // V != k]
                 continue
-            yield RenderedBatch(plan=plan, index=index, rows=rows, images=images)
+            yield BatchRendered(chunk=plan.chunk, index=index, rows=rows, images=images)
             pos += len(rows)
             index += 1
         plan.render_rows = np.asarray([r for r in rows_left if plan.status[r // V] == STATUS_OK], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+_DONE = object()  # end of the stream (internal to RenderStage)
+
+
 class RenderStage:
     """Background thread: for each chunk, load + render, push batches to a bounded queue.
 
-    Iterating yields, per chunk, ``("plan", ChunkPlan)``, then its ``("batch", RenderedBatch)`` items, then
-    ``("end", ChunkPlan)`` (the plan is final then: status and views include late DALI failures). An error on
-    the thread is re-raised in the consumer; :meth:`stop` ends the thread early.
+    Iterating yields, per chunk, a :class:`ChunkStarted`, then its :class:`BatchRendered` events, then a
+    :class:`ChunkFinished` carrying the final plan (status and views include late render failures; the render
+    thread does not touch it afterwards). An error on the thread is re-raised in the consumer; :meth:`stop` ends
+    the thread early.
     """
 
     def __init__(self, source: ChunkSource, renderer: BatchRenderer, chunks: Iterable[int],
@@ -199,27 +224,27 @@ class RenderStage:
         try:
             for c in self.chunks:
                 plan, encoded = self.source.load_chunk(c)
-                if not self._put(("plan", plan)):
+                if not self._put(ChunkStarted(chunk=plan.chunk, n_rows=plan.n_rows)):
                     return
                 for batch in self.renderer.batches(plan, encoded):
-                    if not self._put(("batch", batch)):
+                    if not self._put(batch):
                         return
-                if not self._put(("end", plan)):
+                if not self._put(ChunkFinished(plan=plan)):
                     return
-            self._put(("done", None))
+            self._put(_DONE)
         except BaseException as exc:  # handed to the consumer
-            self._put(("error", exc))
+            self._put(_Failed(exc))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ChunkStarted | BatchRendered | ChunkFinished]:
         self._thread.start()
         try:
             while True:
-                kind, item = self._queue.get()
-                if kind == "done":
+                event = self._queue.get()
+                if event is _DONE:
                     return
-                if kind == "error":
-                    raise item
-                yield kind, item
+                if isinstance(event, _Failed):
+                    raise event.error
+                yield event
         finally:
             self.stop()
 

@@ -23,7 +23,7 @@ class OnlineTeacher:
 
     def __init__(self, store_spec, device: str | torch.device = "cpu", precision: str = "fp32",
                  weights: str | None = None) -> None:
-        from morphcache.extract.pipeline import teacher_from_spec
+        from morphcache.extract.engine import teacher_from_spec
 
         self.teacher = teacher_from_spec(store_spec.teacher, device=str(device), precision=precision, weights=weights)
         check_online_teacher(store_spec, self.teacher.spec)
