@@ -26,7 +26,9 @@ def extract_command(
     chunk_images: Annotated[int | None, typer.Option(help="images per store chunk / work unit (default 256/V)")] = None,
     precision: Annotated[str, typer.Option(help="teacher precision: fp32 | bf16 | fp16 (GPU)")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    projected: Annotated[bool, typer.Option(help="open_clip: project tokens with the visual projection")] = False,
+    projected: Annotated[bool | None, typer.Option("--projected/--unprojected", help="open_clip: tokens through the "
+                                                   "visual projection, DTM's CLIP target (default for open_clip; "
+                                                   "--unprojected keeps the width); other teachers have none")] = None,
     shard: Annotated[str | None, typer.Option(help="I/N: do only chunks c with c % N == I")] = None,
     dask: Annotated[str | None, typer.Option(help="fan chunks out over dask: 'local' (embedded LocalCluster) or a scheduler ADDRESS")] = None,
     dask_workers: Annotated[int | None, typer.Option(help="worker processes of the embedded LocalCluster (implies --dask local)")] = None,
@@ -47,6 +49,8 @@ def extract_command(
     from morphcache.extract.pipeline import ExtractOptions, run_extraction
     from morphcache.schemas import augment_from
 
+    if projected is None:  # DTM distils CLIP's projected tokens; other teachers have no projection
+        projected = teacher.startswith("open_clip")
     opts = ExtractOptions(
         augment=augment_from(str(augment) if augment is not None else None, scale=crop_scale, interpolation=interpolation),
         data=str(data), out=str(out), teacher=teacher, views=views, image_size=image_size, batch_size=batch_size,
