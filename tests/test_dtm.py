@@ -274,11 +274,17 @@ def test_membership_runs_in_float32_under_bf16_autocast():
 
 
 def test_case_sampling_ranges_and_reproducibility():
-    cases = sample_morph_cases(torch.Generator().manual_seed(0), 196, 14, 500)
+    cases = sample_morph_cases(torch.Generator().manual_seed(0), [(196, 14)] * 500)
     ns, ks = zip(*cases)
     assert min(ns) >= 0 and max(ns) <= 196 and min(ks) >= 1 and max(ks) <= 14
     assert len(set(ns)) > 100 and set(ks) == set(range(1, 15))
-    assert cases[:5] == sample_morph_cases(torch.Generator().manual_seed(0), 196, 14, 500)[:5]
+    assert cases[:5] == sample_morph_cases(torch.Generator().manual_seed(0), [(196, 14)] * 500)[:5]
+    # separate ranges per case (naver-ai/dtm n1, k1, n2, k2)
+    pairs = [sample_morph_cases(torch.Generator().manual_seed(s), [(196, 14), (20, 3)]) for s in range(300)]
+    assert max(p[1][0] for p in pairs) <= 20 and max(p[1][1] for p in pairs) <= 3
+    assert max(p[0][0] for p in pairs) > 100 and max(p[0][1] for p in pairs) > 10
+    with pytest.raises(ConfigError):
+        sample_morph_cases(torch.Generator(), [(5, 0)])
     loss_a = DTMLoss(seed=4)
     loss_b = DTMLoss(seed=4)
     pred, target = torch.randn(2, 196, 8), torch.randn(2, 196, 8)
@@ -348,9 +354,11 @@ def test_default_merge_budget_scales_to_the_grid():
     from morphcache.schemas import RunConfig
     from morphcache.train.losses.dtm_loss import DTMLoss
 
-    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=64).max_merge == 64
-    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=256).max_merge == 256
-    assert DTMLoss.from_config(RunConfig(store="s", dtm_max_merge=10), n_tokens=64).max_merge == 10
+    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=64).ranges == [(64, 14), (64, 14)]
+    assert DTMLoss.from_config(RunConfig(store="s"), n_tokens=256).budget == 256
+    assert DTMLoss.from_config(RunConfig(store="s", dtm_max_merge=10), n_tokens=64).budget == 10
+    per_case = RunConfig(store="s", dtm_case_ranges=[(30, 4), (10, 2), (5, 1)])
+    assert DTMLoss.from_config(per_case, n_tokens=64).ranges == [(30, 4), (10, 2), (5, 1)]
 
 
 def test_layernorm_targets_are_scale_invariant():
@@ -393,3 +401,56 @@ def test_merge_rule_and_top_left_options_reach_the_loss():
     assert len(set(losses.values())) == 4
     with pytest.raises(ValueError):
         RunConfig(store="s", dtm_merge_rule="tome")
+
+
+def _knob_loss(objective_name="dtm", **fields):
+    """The loss of one dtm / tokenwise objective step with a fixed student, batch, mask and morphing cases."""
+    from morphcache.train.objectives import build_objective
+
+    base = dict(store="s", objective=objective_name, mask_min_block=2, dtm_max_merge=12, dtm_max_iters=4)
+    cfg = RunConfig(**{**base, **fields})
+    obj = build_objective(objective_name, cfg, _tiny_student(12), 12, (4, 4))
+    gen = torch.Generator().manual_seed(11)
+    batch = {"images": torch.randn(4, 3, 32, 32, generator=gen),
+             "targets": torch.randn(4, 16, 12, generator=gen) * 3 + 1}
+    with torch.no_grad():
+        return float(obj(batch)[0])
+
+
+@pytest.mark.parametrize("fields", [
+    dict(dtm_case_ranges=[(12, 4), (2, 1)]),
+    dict(dtm_weight=0.5),
+    dict(loss="l1"),
+    dict(target_norm="morphed"),
+    dict(mask_max_block=3),
+    dict(mask_scale_blocks=True, mask_min_block=60),
+])
+def test_every_dtm_knob_reaches_the_loss(fields):
+    assert _knob_loss(**fields) != pytest.approx(_knob_loss(), rel=1e-6)
+
+
+def test_dtm_weight_scales_the_loss_and_l1_is_the_mean_absolute_error():
+    assert _knob_loss(dtm_weight=0.5) == pytest.approx(0.5 * _knob_loss(), rel=1e-5)
+    pred, target = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    assert torch.allclose(tokenwise_loss(pred, target, "l1"), torch.nn.functional.l1_loss(pred, target))
+
+
+def test_morphed_target_norm_standardises_each_morphed_target_token():
+    """naver-ai/dtm --normalize_target: morph the targets, then standardise each token (unbiased var, eps 1e-6)."""
+    from morphcache.train.losses.dtm_loss import standardize_tokens
+
+    gen = torch.Generator().manual_seed(8)
+    pred, target = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen) * 4 + 2
+    loss, _ = dtm_loss(pred, target, [(6, 2)], standardize=True)
+    groups = _membership(target, 6, 2)  # matching sees the raw targets
+    morphed = morph(target, groups)
+    ref = (morphed - morphed.mean(-1, keepdim=True)) / (morphed.var(-1, keepdim=True) + 1e-6).sqrt()
+    manual = torch.nn.functional.smooth_l1_loss(morph(pred, groups), ref, beta=2.0)
+    assert torch.allclose(loss, manual, atol=1e-6)
+    assert torch.allclose(standardize_tokens(morphed), ref, atol=1e-6)
+    # standardising before morphing (layernorm) is a different target: a morphed mean of standardised tokens is
+    # not itself standardised
+    assert not torch.allclose(morph(standardize_tokens(target), groups), ref, atol=1e-3)
+    # so the loss does not depend on the targets' scale
+    scaled, _ = dtm_loss(pred, target * 7.0, [(6, 2)], standardize=True)
+    assert torch.allclose(scaled, loss, rtol=1e-4)

@@ -131,12 +131,51 @@ def test_ema_teacher_gets_no_gradient_and_follows_the_update_rule():
     teacher.update({"head": student}, 0.9)
     for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s)
-    assert torch.equal(teacher.parts["head"][1].running_mean, student[1].running_mean)
+
+
+def test_lut_teacher_batchnorm_runs_in_eval_mode_with_emad_running_statistics():
+    """naver-ai/lut: the teacher is a deep copy in eval mode; its BN running stats are EMA'd like the weights."""
+    student = MLPHead(8, 16, 4)
+    teacher = EMATeacher({"head": student})
+    bn_t, bn_s = teacher.parts["head"][1], student[1]
+    teacher.train()  # the objective's .train() reaches the teacher: it must stay in eval mode
+    assert not teacher.training and not bn_t.training
+    mean0, var0 = bn_t.running_mean.clone(), bn_t.running_var.clone()
+    student(torch.randn(32, 8) * 3 + 2)  # a training forward moves the student's running statistics
+    assert not torch.allclose(bn_s.running_mean, mean0)
+    teacher.update({"head": student}, 0.9)
+    assert torch.allclose(bn_t.running_mean, 0.9 * mean0 + 0.1 * bn_s.running_mean)
+    assert torch.allclose(bn_t.running_var, 0.9 * var0 + 0.1 * bn_s.running_var)
+    assert bn_t.num_batches_tracked == bn_s.num_batches_tracked
+    # eval mode: the output uses the running statistics, so one sample's output does not depend on its batch
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(teacher.parts["head"](x)[:1], teacher.parts["head"](x[:1]), atol=1e-6)
+    before = bn_t.running_mean.clone()  # and a teacher forward never updates them
+    with torch.no_grad():
+        teacher.parts["head"](x * 10)
+    assert torch.equal(bn_t.running_mean, before)
+    # projector / predictor layers carry no bias (release _build_mlp)
+    assert student[0].bias is None and student[3].bias is None
+
+
+def test_lut_reconstructs_view_1_only():
+    """Changing view 2 leaves the MAE loss unchanged; changing view 1 changes it (naver-ai/lut forward_loss)."""
+    obj = _lut_objective()
+    x1, x2 = _images(4, 0), _images(4, 1)
+    out = {}
+    for name, (a, b) in {"base": (x1, x2), "v2": (x1, x2 * 0.5 + 1), "v1": (x1 * 0.5 + 1, x2)}.items():
+        obj.generator.manual_seed(9)
+        with torch.no_grad():
+            out[name] = obj({"images": a, "images2": b})[1]
+    assert out["v2"]["mae"] == pytest.approx(out["base"]["mae"], rel=1e-6)
+    assert out["v2"]["unmasked"] != pytest.approx(out["base"]["unmasked"], rel=1e-4)
+    assert out["v1"]["mae"] != pytest.approx(out["base"]["mae"], rel=1e-4)
 
 
 def _lut_objective(seed=0):
-    cfg = RunConfig(store="s", objective="lut")
-    return build_objective("lut", cfg, MIMStudent(_tiny_vit(seed), 12), 12, (4, 4), **SMALL)
+    cfg = RunConfig(store="s", objective="lut", **SMALL)
+    return build_objective("lut", cfg, MIMStudent(_tiny_vit(seed), 12), 12, (4, 4))
 
 
 def test_lut_steps_lower_both_losses_and_move_the_teacher_by_ema():
@@ -179,9 +218,9 @@ def test_lut_needs_a_second_view_and_ignores_targets():
 
 @pytest.mark.parametrize("name", ["mae", "mae+dtm"])
 def test_mae_objectives_train(name):
-    cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
+    cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3, **SMALL)
     student = MIMStudent(_tiny_vit(), 12)
-    obj = build_objective(name, cfg, student, 12, (4, 4), **SMALL)
+    obj = build_objective(name, cfg, student, 12, (4, 4))
     assert obj.model.backbone is student.backbone
     gen = torch.Generator().manual_seed(3)
     batch = {"images": _images(8, 1), "targets": torch.randn(8, 16, 12, generator=gen)}
@@ -205,9 +244,9 @@ def test_mae_objectives_train(name):
 def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
     from morphcache.train.student import create_student
 
-    cfg = RunConfig(store="s", objective="mae+dtm", model="vit_tiny_patch16")
+    cfg = RunConfig(store="s", objective="mae+dtm", model="vit_tiny_patch16", **SMALL)
     student = create_student(cfg.model, img_size=32, target_dim=12, patch_size=8)
-    obj = build_objective("mae+dtm", cfg, student, 12, (4, 4), **SMALL)
+    obj = build_objective("mae+dtm", cfg, student, 12, (4, 4))
     with torch.no_grad():
         for p in obj.model.backbone.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "trained" weights differ from any fresh init
@@ -222,8 +261,8 @@ def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
 
 def test_objectives_are_bf16_autocast_safe():
     for name in ("mae+dtm", "lut"):
-        cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
-        obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4), **SMALL)
+        cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3, **SMALL)
+        obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4))
         batch = {"images": _images(4), "images2": _images(4, 5), "targets": torch.randn(4, 16, 12)}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, metrics = obj(batch)

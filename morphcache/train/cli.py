@@ -16,33 +16,49 @@ _OBJ = "dtm | tokenwise | mae | lut | mae+dtm"
 
 def train_command(
     store: Annotated[Path, typer.Option("--store", help="feature store written by `morphcache extract`")],
-    out: Annotated[Path, typer.Option("--out", help="run directory (config, metrics, checkpoints)")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="run directory (config, metrics, checkpoints)")] = None,
     model: Annotated[str, typer.Option(help="timm ViT student, e.g. vit_tiny_patch16 or vit_small_patch16_224")] = "vit_tiny_patch16_224",
     objective: Annotated[str, typer.Option(help=_OBJ)] = "dtm",
+    preset: Annotated[str, typer.Option(help="release (naver-ai/lut MAE decoder 512x8x16, heads 4096) | cpu-small "
+                                        "(decoder 256x2x8, heads 2048->256, for CPU runs); explicit options win")] = "release",
+    print_config: Annotated[bool, typer.Option("--print-config", help="print every effective hyper-parameter as JSON and exit")] = False,
     epochs: Annotated[int, typer.Option(help="epochs (one view per image per epoch)")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="rows per micro-batch per process")] = 32,
     accum_steps: Annotated[int, typer.Option("--accum-steps", help="micro-batches per optimizer step")] = 1,
     base_lr: Annotated[float, typer.Option("--base-lr", help="lr at batch 2048, scaled by sqrt(batch/2048)")] = 1.5e-3,
     min_lr: Annotated[float, typer.Option("--min-lr", help="final lr of the cosine schedule")] = 1e-5,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
+    weight_decay_end: Annotated[Optional[float], typer.Option("--weight-decay-end", help="cosine weight decay to this value (default: constant)")] = None,
+    adam_betas: Annotated[Optional[tuple[float, float]], typer.Option("--adam-betas", help="AdamW B1 B2 (default: 0.9 0.95 for mae/lut/mae+dtm, 0.9 0.999 for dtm/tokenwise)")] = None,
+    adam_eps: Annotated[float, typer.Option("--adam-eps")] = 1e-8,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="linear warmup, optimizer steps")] = 0,
     clip_grad: Annotated[float, typer.Option("--clip-grad", help="max gradient norm; 0 disables clipping")] = 3.0,
     layer_scale: Annotated[float, typer.Option("--layer-scale", help="ViT layer scale init; 0 disables")] = 0.1,
     drop_path: Annotated[float, typer.Option("--drop-path")] = 0.0,
     mask_patches: Annotated[int, typer.Option("--mask-patches", help="masked patches at 14x14, scaled to the grid")] = 75,
     mask_min_block: Annotated[int, typer.Option("--mask-min-block", help="smallest mask block, patches")] = 16,
+    mask_max_block: Annotated[Optional[int], typer.Option("--mask-max-block", help="largest mask block, patches (default: the masked count)")] = None,
+    mask_scale_blocks: Annotated[bool, typer.Option("--mask-scale-blocks/--mask-fixed-blocks", help="mask block sizes are given at 14x14 and scaled to the grid like --mask-patches")] = False,
     mask_aspect: Annotated[tuple[float, float], typer.Option("--mask-aspect", help="block aspect range MIN MAX")] = (0.3, 1 / 0.3),
     dtm_max_merge: Annotated[Optional[int], typer.Option("--dtm-max-merge", help="DTM N: tokens to merge sampled in [0, N] (default: all tokens of the grid; released 196 at 14x14)")] = None,
     dtm_max_iters: Annotated[int, typer.Option("--dtm-max-iters", help="DTM K: iterations sampled in [1, K]")] = 14,
     dtm_cases: Annotated[int, typer.Option("--dtm-cases", help="DTM L: morphing cases per step")] = 2,
+    dtm_case: Annotated[Optional[list[str]], typer.Option("--dtm-case", help="N,K of one morphing case (repeat per case, e.g. --dtm-case 196,14 --dtm-case 98,7); replaces --dtm-max-merge/--dtm-max-iters/--dtm-cases")] = None,
+    dtm_weight: Annotated[float, typer.Option("--dtm-weight", help="weight of the DTM loss")] = 1.0,
     dtm_merge_rule: Annotated[str, typer.Option("--dtm-merge-rule", help="released (ceil(n/k) per iteration, as naver-ai/dtm) | exact (n in total)")] = "released",
     dtm_protect_top_left: Annotated[bool, typer.Option("--dtm-protect-top-left/--dtm-merge-top-left", help="never merge the top-left patch (naver-ai/dtm's behaviour, for exact parity)")] = False,
-    loss: Annotated[str, typer.Option(help="smooth_l1 | cosine | l2")] = "smooth_l1",
+    loss: Annotated[str, typer.Option(help="smooth_l1 | l1 | cosine | l2")] = "smooth_l1",
     smooth_l1_beta: Annotated[float, typer.Option("--smooth-l1-beta")] = 2.0,
-    target_norm: Annotated[str, typer.Option("--target-norm", help="layernorm (per-token, no affine) | none")] = "none",
+    target_norm: Annotated[str, typer.Option("--target-norm", help="none | morphed (standardise each morphed target token, the release's --normalize_target) | layernorm (per raw token, before matching)")] = "none",
     mae_weight: Annotated[float, typer.Option("--mae-weight")] = 1.0,
     unmasked_weight: Annotated[float, typer.Option("--unmasked-weight", help="LUT weight of the unmasked-token loss")] = 0.25,
     ema_momentum: Annotated[tuple[float, float], typer.Option("--ema-momentum", help="LUT EMA momentum START END")] = (0.996, 1.0),
+    mask_ratio: Annotated[float, typer.Option("--mask-ratio", help="MAE / LUT masked fraction")] = 0.75,
+    decoder_dim: Annotated[Optional[int], typer.Option("--decoder-dim", help="MAE decoder width (release 512)")] = None,
+    decoder_depth: Annotated[Optional[int], typer.Option("--decoder-depth", help="MAE decoder blocks (release 8)")] = None,
+    decoder_heads: Annotated[Optional[int], typer.Option("--decoder-heads", help="MAE decoder heads (release 16)")] = None,
+    proj_hidden: Annotated[Optional[int], typer.Option("--proj-hidden", help="LUT projector/predictor hidden width (release 4096)")] = None,
+    proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="LUT projector output width (release: the student's width)")] = None,
     teacher_online: Annotated[bool, typer.Option("--teacher-online", help="run the teacher live instead of reading the cache")] = False,
     loader: Annotated[str, typer.Option(help="dali | torch (PIL fallback, pixels within measured tolerance)")] = "dali",
     workers: Annotated[int, typer.Option(help="loader worker processes")] = 2,
@@ -66,12 +82,29 @@ def train_command(
 
     from morphcache.errors import ConfigError
     from morphcache.schemas import RunConfig
+    from morphcache.schemas.specs import RUN_PRESETS
 
+    if preset not in RUN_PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; use one of {', '.join(RUN_PRESETS)}")
+    sized = {"decoder_dim": decoder_dim, "decoder_depth": decoder_depth, "decoder_heads": decoder_heads,
+             "proj_hidden": proj_hidden, "proj_dim": proj_dim}
+    sized = {**RUN_PRESETS[preset], **{k: v for k, v in sized.items() if v is not None}}
+    case_ranges = None
+    if dtm_case:
+        try:
+            case_ranges = [tuple(int(v) for v in item.split(",")) for item in dtm_case]
+        except ValueError:
+            raise ConfigError(f"--dtm-case {dtm_case}: each must be N,K (two integers), e.g. --dtm-case 196,14") from None
+        if any(len(r) != 2 for r in case_ranges):
+            raise ConfigError(f"--dtm-case {dtm_case}: each must be N,K (two integers), e.g. --dtm-case 196,14")
     try:
         config = RunConfig(
             store=str(store), model=model, objective=objective, epochs=epochs, batch_size=batch_size,
             accum_steps=accum_steps, base_lr=base_lr, min_lr=min_lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, clip_grad=clip_grad or None, layer_scale=layer_scale, drop_path=drop_path,
+            preset=preset, weight_decay_end=weight_decay_end, adam_betas=tuple(adam_betas) if adam_betas else None,
+            adam_eps=adam_eps, mask_max_block=mask_max_block, mask_scale_blocks=mask_scale_blocks,
+            dtm_case_ranges=case_ranges, dtm_weight=dtm_weight, mask_ratio=mask_ratio, **sized,
             mask_patches=mask_patches, mask_min_block=mask_min_block, mask_aspect=tuple(mask_aspect),
             dtm_max_merge=dtm_max_merge, dtm_max_iters=dtm_max_iters, dtm_cases=dtm_cases,
             dtm_merge_rule=dtm_merge_rule, dtm_protect_top_left=dtm_protect_top_left, loss=loss,
@@ -84,6 +117,12 @@ def train_command(
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "option"
         raise ConfigError(f"--{field.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+
+    if print_config:
+        typer.echo(json.dumps(_effective_config(config, img_size), indent=2))
+        return 0
+    if out is None:
+        raise ConfigError("--out is required to train (only --print-config runs without it)")
 
     import torch
 
@@ -98,3 +137,30 @@ def train_command(
         typer.echo(json.dumps({k: summary[k] for k in ("steps", "final_step", "images", "wall_seconds",
                                                        "images_per_s", "final_loss")}))
     return 0
+
+
+def _effective_config(config, img_size: int | None) -> dict:
+    """``config.effective`` at the store's grid and the student's width when they can be read (world size from
+    ``WORLD_SIZE``); otherwise without the grid-dependent values, with a note saying why."""
+    import os
+
+    from morphcache.errors import MorphcacheError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        import torch
+
+        from morphcache.store.feature_store import FeatureStore
+        from morphcache.train import guards
+        from morphcache.train.student import create_backbone
+
+        spec = FeatureStore.open(config.store).spec
+        patch = guards.student_patch_size(config.model)
+        side = guards.resolve_student_size(spec, patch, img_size)
+        with torch.device("meta"):
+            width = int(create_backbone(config.model, side, None, 0.0, patch).embed_dim)
+        return config.effective(spec.teacher.grid, width, world)
+    except (MorphcacheError, OSError, ValueError) as exc:
+        out = config.effective(None, None, world)
+        out["effective"]["note"] = f"store not readable ({exc}); grid-dependent values omitted"
+        return out

@@ -207,12 +207,16 @@ def morph(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def sample_morph_cases(
-    generator: torch.Generator, max_merge: int, max_iters: int, cases: int
-) -> list[tuple[int, int]]:
-    """``cases`` independent (n, k): n uniform in [0, max_merge], k uniform in [1, max_iters] (one per step)."""
-    if max_merge < 0 or max_iters < 1 or cases < 1:
-        raise ConfigError(f"DTM needs max_merge >= 0, max_iters >= 1, cases >= 1; got {max_merge}, {max_iters}, {cases}")
-    ns = torch.randint(0, max_merge + 1, (cases,), generator=generator)
-    ks = torch.randint(1, max_iters + 1, (cases,), generator=generator)
-    return [(int(n), int(k)) for n, k in zip(ns.tolist(), ks.tolist())]
+def sample_morph_cases(generator: torch.Generator, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One (n, k) per case from its range (N, K): n uniform in [0, N], k uniform in [1, K] (naver-ai/dtm draws
+    n1, k1, n2, k2 once per step). Raises ConfigError for an empty list, N < 0 or K < 1."""
+    if not ranges:
+        raise ConfigError("DTM needs at least one morphing case")
+    out = []
+    for n_max, k_max in ranges:
+        if n_max < 0 or k_max < 1:
+            raise ConfigError(f"DTM case range (N={n_max}, K={k_max}) needs N >= 0 and K >= 1")
+        n = int(torch.randint(0, int(n_max) + 1, (1,), generator=generator))
+        k = int(torch.randint(1, int(k_max) + 1, (1,), generator=generator))
+        out.append((n, k))
+    return out

@@ -37,7 +37,7 @@ from morphcache.train.checkpoint import (
 )
 from morphcache.train.loader import RenderSpec
 from morphcache.train.sampler import EpochSampler
-from morphcache.train.schedule import WarmupCosine, scaled_lr
+from morphcache.train.schedule import build_optimizer, scaled_lr
 
 TARGET_OBJECTIVES = ("dtm", "tokenwise", "mae+dtm")
 MASK_OBJECTIVES = ("dtm", "tokenwise")
@@ -136,7 +136,6 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     objective = build_objective(config.objective, config, student, target_dim, spec.teacher.grid).to(device)
     if world > 1:
         reseed_generators(objective, config.seed, rank)
-    optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=config.base_lr, betas=(0.9, 0.999))
 
     sampler = EpochSampler(store.ok_rows(), spec.views_per_image, config.batch_size, config.seed, rank, world,
                            second_view=config.objective == "lut")
@@ -147,8 +146,7 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     total_steps = config.epochs * steps_per_epoch
     stop = min(total_steps, config.max_steps) if config.max_steps else total_steps
     global_batch = config.batch_size * config.accum_steps * world
-    schedule = WarmupCosine(optimizer, scaled_lr(config.base_lr, global_batch), config.min_lr,
-                            config.warmup_steps, total_steps)
+    optimizer, schedule = build_optimizer(objective, config, scaled_lr(config.base_lr, global_batch), total_steps)
 
     step, ckpt = 0, None
     if resuming:
