@@ -23,7 +23,9 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from morphcache.errors import ConfigError
-from morphcache.train.student import BackboneGrid, backbone_grid, backbone_patch_size, embed_patches, run_blocks
+from morphcache.train.student import (
+    BackboneGrid, backbone_grid, backbone_patch_size, embed_patches, is_beit, run_blocks,
+)
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -89,6 +91,9 @@ class MAEModel(BackboneGrid, nn.Module):
                 f"MAE decoder depth={decoder_depth}, width={decoder_dim}, heads={decoder_heads}: "
                 "need depth >= 1 and width divisible by heads"
             )
+        if is_beit(backbone):
+            raise ConfigError("MAE-based objectives (mae, lut, mae+dtm) drop masked tokens, which a BEiT student's "
+                              "relative position bias over the full grid does not allow; use a vit_* student")
         self.backbone = backbone
         self.mask_ratio = float(mask_ratio)
         self.norm_pix = bool(norm_pix)

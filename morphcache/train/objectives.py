@@ -39,7 +39,8 @@ from morphcache.train.masking import block_mask_generator_from_config
 from morphcache.train.student import MIMStudent
 
 OBJECTIVES = ("dtm", "tokenwise", "mae", "lut", "mae+dtm")
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_mask_token")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_mask_token",
+                   "relative_position_bias_table")
 
 
 class Objective(nn.Module):
