@@ -269,3 +269,57 @@ def test_objectives_are_bf16_autocast_safe():
         loss.backward()
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_lut_view_parameters_follow_the_release_recipe():
+    """Statistics of the sampled view rows: near-full square crops (shorter side, offsets within the 4-pixel
+    padding), flip 1/2, view 1 without colour, view 2 jittered with p 0.8 in the release's ranges, grayscale 1/3."""
+    from morphcache.train.lut_views import lut_view_rows
+
+    n, size = 3000, 32
+    h, w = 48, 80  # resized to 32 x 53: top offsets in [-4, 4], left in [-4, 25] resized pixels (x 1.5 source)
+    rows = [lut_view_rows((h, w), size, seed=0, sample=i, row=i % 7) for i in range(n)]
+    v1 = np.stack([r[0] for r in rows])
+    v2 = np.stack([r[1] for r in rows])
+    for v in (v1, v2):
+        assert np.all(v[:, 2] == 48) and np.all(v[:, 3] == 48)  # the shorter side, square
+        assert v[:, 0].min() == 0 and v[:, 0].max() == 0  # h is the short side: padding shifts clamp back inside
+        assert v[:, 1].min() == 0 and v[:, 1].max() == w - 48  # left covers the whole free range
+        assert abs(v[:, 4].mean() - 0.5) < 0.04
+        # clamping at the borders: the left offset sits at 0 or at the right end with the padding's probability
+        edge = np.mean((v[:, 1] == 0) | (v[:, 1] == w - 48))
+        assert 0.15 < edge < 0.4  # (5 + 5) of 30 resized offsets land on a border (plus rounding)
+    assert np.all(v1[:, 5:] == [1.0, 1.0, 1.0, 0.0])  # view 1: no colour op
+    jittered = v2[:, 5] != 1.0
+    assert abs(jittered.mean() - 0.8) < 0.03
+    b, c, s, hue = v2[jittered, 5], v2[jittered, 6], v2[jittered, 7], v2[jittered, 8]
+    assert b.min() >= 0.6 and b.max() <= 1.4 and c.min() >= 0.6 and c.max() <= 1.4
+    assert abs(hue).max() <= 0.1 and abs(hue.mean()) < 0.01 and abs(b.mean() - 1) < 0.02
+    gray = v2[:, 7] == 0.0
+    assert abs(gray.mean() - 1 / 3) < 0.03  # one of grayscale / solarize / blur
+    kept = s[s != 0]
+    assert kept.min() >= 0.8 and kept.max() <= 1.2
+    # a pure function of (seed, sample, row): the DALI workers and the PIL fallback draw the same rows
+    again = lut_view_rows((h, w), size, seed=0, sample=5, row=5 % 7)
+    assert np.array_equal(again[0], rows[5][0]) and np.array_equal(again[1], rows[5][1])
+
+
+def test_lut_views_render_alike_with_dali_and_the_pil_fallback():
+    from morphcache.extract.images import canonicalize_bytes, encode_png
+    from morphcache.extract.render_fidelity import compare_renderers
+    from morphcache.train.lut_views import lut_view_rows
+
+    rng = np.random.default_rng(0)
+    encs, params = [], []
+    for i, (h, w) in enumerate([(40, 64), (64, 48), (50, 50)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1) + rng.normal(0, 8, (h, w, 3))
+        enc, _ = canonicalize_bytes(encode_png(np.clip(img, 0, 255).astype(np.uint8)), "x.png")
+        for sample in range(4):
+            for view in lut_view_rows((h, w), 32, seed=1, sample=sample, row=i):
+                encs.append(enc)
+                params.append(view)
+    params = np.stack(params)
+    assert (params[1::2, 7] == 0).any()  # a grayscale view is among them
+    stats = compare_renderers(encs, params, size=32, batch_size=8)
+    assert stats["mean_abs_pixel"] < 0.05 and stats["max_abs_pixel"] < 1.0, stats

@@ -318,6 +318,10 @@ class RunConfig(_Model):
     proj_hidden: int = Field(default=4096, gt=0, description="LUT projector / predictor hidden width")
     proj_dim: int | None = Field(default=None, gt=0, description="LUT projector output width; None = the student's "
                                  "width (naver-ai/lut)")
+    lut_views: Literal["release", "stored"] = Field(
+        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full crops, colour "
+        "on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
+        "two of the store's extracted views")
     teacher_online: bool = False
     loader: Literal["dali", "torch"] = "dali"
     workers: int = Field(default=2, ge=0)

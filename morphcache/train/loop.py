@@ -176,7 +176,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
         teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision,
                                 weights=teacher_weights)
     render = RenderSpec(side, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
-                        teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut")
+                        teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut",
+                        lut_views=config.objective == "lut" and config.lut_views == "release")
     loader = make_loader(config.loader, store, sampler, render, start_step=step * config.accum_steps,
                          workers=config.workers, read_targets=config.objective in TARGET_OBJECTIVES and teacher is None,
                          image_root=image_root)
