@@ -9,9 +9,10 @@
   ``targets (B, T, target_dim)``: a second linear head on the decoder features that predicts teacher tokens at
   every grid position (used by the ``mae+dtm`` objective, see :mod:`morphcache.train.objectives`).
 
-Defaults: 75% masking, decoder width 256, depth 2, 8 heads (MAE's ablations show a 1-2 block decoder is enough
-for representation quality; widths 128-512 are configurable). The loss (normalised pixels, masked patches only)
-is :func:`morphcache.train.losses.mae_loss.mae_loss`.
+This class's defaults (75% masking, decoder width 256, depth 2, 8 heads) are the ``cpu-small`` preset's; training
+runs take their sizes from :class:`~morphcache.schemas.specs.RunConfig`, whose defaults are naver-ai/lut's
+(decoder 512 wide, 8 blocks, 16 heads). The loss (normalised pixels, masked patches only) is
+:func:`morphcache.train.losses.mae_loss.mae_loss`.
 """
 
 from __future__ import annotations
