@@ -323,3 +323,31 @@ def test_lut_views_render_alike_with_dali_and_the_pil_fallback():
     assert (params[1::2, 7] == 0).any()  # a grayscale view is among them
     stats = compare_renderers(encs, params, size=32, batch_size=8)
     assert stats["mean_abs_pixel"] < 0.05 and stats["max_abs_pixel"] < 1.0, stats
+
+
+@pytest.mark.parametrize("fields", [dict(decoder_dim=48, decoder_heads=4), dict(decoder_depth=2),
+                                    dict(decoder_heads=8), dict(mask_ratio=0.5), dict(proj_hidden=32),
+                                    dict(proj_dim=16), dict(norm_pix=False)])
+def test_every_lut_size_knob_reaches_the_loss(fields):
+    def loss_of(**extra):
+        torch.manual_seed(0)
+        cfg = RunConfig(store="s", objective="lut", **{**SMALL, **extra})
+        obj = build_objective("lut", cfg, MIMStudent(_tiny_vit(0), 12), 12, (4, 4))
+        obj.generator.manual_seed(4)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return float(obj({"images": _images(4, 0), "images2": _images(4, 1)})[0])
+
+    assert loss_of(**fields) != pytest.approx(loss_of(), rel=1e-6)
+
+
+def test_release_sizes_are_the_defaults_and_cpu_small_is_named():
+    from morphcache.schemas.specs import RUN_PRESETS
+
+    cfg = RunConfig(store="s", objective="lut")
+    assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio) == (512, 8, 16, 0.75)
+    assert (cfg.proj_hidden, cfg.proj_dim) == (4096, None) and cfg.effective_betas() == (0.9, 0.95)
+    obj = build_objective("lut", cfg.model_copy(update={"decoder_depth": 1}), MIMStudent(_tiny_vit(), 12), 12, (4, 4))
+    proj = obj.learner.projector
+    assert (proj[0].in_features, proj[0].out_features, proj[3].out_features) == (48, 4096, 48)  # width -> 4096 -> width
+    assert RUN_PRESETS["cpu-small"]["decoder_dim"] == 256

@@ -89,8 +89,10 @@ def test_resumed_run_matches_the_uninterrupted_run(store_path, tmp_path):
 
 @pytest.mark.parametrize("objective", ["mae", "lut", "mae+dtm"])
 def test_every_objective_trains_from_the_store(store_path, tmp_path, objective):
+    from morphcache.schemas.specs import RUN_PRESETS
+
     cfg = _config(store_path, objective=objective, epochs=1, max_steps=2, accum_steps=1, loader="torch", workers=0,
-                  precision="fp32")
+                  precision="fp32", **RUN_PRESETS["cpu-small"])
     summary = run_training(cfg, tmp_path / objective, tensorboard=False)
     records = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and len(records) == 2
