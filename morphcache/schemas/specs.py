@@ -362,12 +362,15 @@ class RunConfig(_Model):
         }
         if grid is not None:
             n_tokens = int(grid[0]) * int(grid[1])
-            scale = n_tokens / 196
-            masked = int(round(self.mask_patches * scale))
+
+            def at_grid(count: int) -> int:  # as morphcache.train.masking.scaled_num_masked
+                return int(round(count * n_tokens / 196))
+
+            masked = at_grid(self.mask_patches)
             min_block, max_block = self.mask_min_block, self.mask_max_block
             if self.mask_scale_blocks:
-                min_block = max(1, int(round(min_block * scale)))
-                max_block = None if max_block is None else max(1, int(round(max_block * scale)))
+                min_block = max(1, at_grid(min_block))
+                max_block = None if max_block is None else max(1, at_grid(max_block))
             ranges = self.dtm_ranges(n_tokens)
             eff.update(grid=list(grid), mask_num_masked=masked, mask_min_block=min_block,
                        mask_max_block=masked if max_block is None else max_block,
