@@ -6,8 +6,8 @@ description as help and its default shown; ``--config run.yaml`` (YAML or JSON, 
 ``config.json``) sets any field, and flags given explicitly override the file. The merged values are validated by
 the model, and an invalid file or value is one line naming the field, the value and what is allowed
 (:class:`~morphcache.errors.ConfigError`, exit 2). A field whose command-line form differs from its type says so
-with ``Field(json_schema_extra={"cli_type": str})`` (e.g. ``--shard I/N`` for a ``(I, N)`` tuple, parsed by the
-model's validator).
+with ``Field(json_schema_extra={"cli_type": "str"})`` (e.g. ``--shard I/N`` for a ``(I, N)`` tuple, parsed by the
+model's validator); ``{"cli_flags": "--projected/--unprojected"}`` names a boolean's two flags.
 
     @options_from_model(RunConfig, exclude={"schema_version"})
     def train_command(values: dict, out: Annotated[Path, typer.Option()], ...) -> int:
@@ -29,6 +29,9 @@ from pydantic import BaseModel, ValidationError
 from morphcache.errors import ConfigError
 
 CONFIG_OPTION = "config"
+#: Command-line forms a field may ask for with ``json_schema_extra={"cli_type": NAME}`` (names keep the JSON Schema
+#: serialisable).
+_CLI_TYPES = {"str": str, "list[str]": list[str]}
 
 
 def _option_type(annotation) -> tuple[Any, str]:
@@ -57,13 +60,13 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
         if name in exclude:
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        kind, allowed = _option_type(extra.get("cli_type", field.annotation))
+        kind, allowed = _option_type(_CLI_TYPES[extra["cli_type"]] if "cli_type" in extra else field.annotation)
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=False)
         notes = [n for n in (field.description, allowed) if n]
         help_text = "; ".join(notes) + (" (required)" if field.is_required() else
                                         f" (default: {default})" if default is not None else "")
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        decls = [extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)]
         option = typer.Option(*decls, help=help_text, show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Annotated[typing.Optional[kind], option], default=None))

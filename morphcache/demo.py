@@ -105,7 +105,7 @@ def run_demo(
     train_args = [
         "--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
         "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", "2" if fast else "20",
-        "--base-lr", "1.5e-3" if fast else "6e-3", "--workers", "1", "--no-tensorboard",
+        "--base-lr", "1.5e-3" if fast else "6e-3", "--workers", "1", "--no-tensorboard", "--precision", "bf16",
     ]
     runs = {}
     for objective in ("tokenwise", "dtm"):

@@ -3,6 +3,7 @@ one-line errors naming the field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -99,3 +100,61 @@ def test_missing_config_file_is_named(tmp_path):
 def test_required_field_missing_everywhere_is_named():
     result, _ = _run(["run"])
     assert isinstance(result.exception, ConfigError) and str(result.exception).startswith("--store: Field required")
+
+
+def test_train_takes_every_run_option_from_a_config_file_and_flags_win(tmp_path, capsys):
+    """RunConfig is the one definition: --config sets any field, explicit flags override it, presets fill sizes
+    that neither sets, and a run directory's saved config loads back."""
+    from morphcache.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("store: /nowhere/store.zarr\nobjective: tokenwise\nepochs: 7\nloss: l1\npreset: cpu-small\n"
+                   "decoder_dim: 384\ndtm_case_ranges: ['64,7', '32,3']\nmask_aspect: [0.5, 2.0]\n")
+    assert main(["train", "--config", str(cfg), "--epochs", "9", "--print-config", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["objective"], printed["epochs"], printed["loss"]) == ("tokenwise", 9, "l1")
+    assert printed["decoder_dim"] == 384 and printed["decoder_depth"] == 2  # explicit value beats the preset's
+    assert printed["dtm_case_ranges"] == [[64, 7], [32, 3]] and printed["mask_aspect"] == [0.5, 2.0]
+    assert printed["precision"] == "fp32"  # auto on CPU
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({k: v for k, v in printed.items() if k != "effective"}))
+    assert main(["train", "--config", str(saved), "--print-config", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if k != "effective"} == {k: v for k, v in printed.items() if k != "effective"}
+
+
+def test_train_and_extract_config_errors_are_one_line_exit_2(tmp_path, capsys):
+    from morphcache.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: s\nepochs: 0\n")
+    assert main(["train", "--config", str(bad), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "morphcache: error: --epochs: Input should be greater than 0 (got 0)"
+    bad.write_text("data: d\nout: o\nviews: 2\nshard: 5/2\n")
+    assert main(["extract", "--config", str(bad)]) == 2
+    assert "--shard '5/2'" in capsys.readouterr().err
+    bad.write_text("data: d\nout: o\nvews: 2\n")
+    assert main(["extract", "--config", str(bad)]) == 2
+    assert "unknown option(s) vews" in capsys.readouterr().err
+
+
+def test_extract_from_a_config_file_equals_the_same_flags(tmp_path, capsys):
+    from morphcache.cli import main
+    from morphcache.testing.images import write_noise_pngs
+    from morphcache.testing.stores import store_arrays
+
+    data = write_noise_pngs(tmp_path / "imgs", 4, seed=1, prefix="c")
+    flags = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4",
+             "--threads", "1", "--seed", "3", "--crop-scale", "0.5", "1.0"]
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "flags"), *flags]) == 0
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(f"data: {data}\nteacher: timm:vit_tiny_patch16_224\nimage_size: 32\nviews: 2\nbatch_size: 4\n"
+                   "threads: 1\nseed: 9\naugment: {scale: [0.5, 1.0]}\n")
+    assert main(["extract", "--config", str(cfg), "--seed", "3", "--out", str(tmp_path / "file")]) == 0
+    a, b = store_arrays(tmp_path / "flags"), store_arrays(tmp_path / "file")
+    import numpy as np
+
+    for name in ("tokens", "scales", "views", "images/hash"):
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)

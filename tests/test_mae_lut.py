@@ -131,12 +131,51 @@ def test_ema_teacher_gets_no_gradient_and_follows_the_update_rule():
     teacher.update({"head": student}, 0.9)
     for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s)
-    assert torch.equal(teacher.parts["head"][1].running_mean, student[1].running_mean)
+
+
+def test_lut_teacher_batchnorm_runs_in_eval_mode_with_emad_running_statistics():
+    """naver-ai/lut: the teacher is a deep copy in eval mode; its BN running stats are EMA'd like the weights."""
+    student = MLPHead(8, 16, 4)
+    teacher = EMATeacher({"head": student})
+    bn_t, bn_s = teacher.parts["head"][1], student[1]
+    teacher.train()  # the objective's .train() reaches the teacher: it must stay in eval mode
+    assert not teacher.training and not bn_t.training
+    mean0, var0 = bn_t.running_mean.clone(), bn_t.running_var.clone()
+    student(torch.randn(32, 8) * 3 + 2)  # a training forward moves the student's running statistics
+    assert not torch.allclose(bn_s.running_mean, mean0)
+    teacher.update({"head": student}, 0.9)
+    assert torch.allclose(bn_t.running_mean, 0.9 * mean0 + 0.1 * bn_s.running_mean)
+    assert torch.allclose(bn_t.running_var, 0.9 * var0 + 0.1 * bn_s.running_var)
+    assert bn_t.num_batches_tracked == bn_s.num_batches_tracked
+    # eval mode: the output uses the running statistics, so one sample's output does not depend on its batch
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(teacher.parts["head"](x)[:1], teacher.parts["head"](x[:1]), atol=1e-6)
+    before = bn_t.running_mean.clone()  # and a teacher forward never updates them
+    with torch.no_grad():
+        teacher.parts["head"](x * 10)
+    assert torch.equal(bn_t.running_mean, before)
+    # projector / predictor layers carry no bias (release _build_mlp)
+    assert student[0].bias is None and student[3].bias is None
+
+
+def test_lut_reconstructs_view_1_only():
+    """Changing view 2 leaves the MAE loss unchanged; changing view 1 changes it (naver-ai/lut forward_loss)."""
+    obj = _lut_objective()
+    x1, x2 = _images(4, 0), _images(4, 1)
+    out = {}
+    for name, (a, b) in {"base": (x1, x2), "v2": (x1, x2 * 0.5 + 1), "v1": (x1 * 0.5 + 1, x2)}.items():
+        obj.generator.manual_seed(9)
+        with torch.no_grad():
+            out[name] = obj({"images": a, "images2": b})[1]
+    assert out["v2"]["mae"] == pytest.approx(out["base"]["mae"], rel=1e-6)
+    assert out["v2"]["unmasked"] != pytest.approx(out["base"]["unmasked"], rel=1e-4)
+    assert out["v1"]["mae"] != pytest.approx(out["base"]["mae"], rel=1e-4)
 
 
 def _lut_objective(seed=0):
-    cfg = RunConfig(store="s", objective="lut")
-    return build_objective("lut", cfg, MIMStudent(_tiny_vit(seed), 12), 12, (4, 4), **SMALL)
+    cfg = RunConfig(store="s", objective="lut", **SMALL)
+    return build_objective("lut", cfg, MIMStudent(_tiny_vit(seed), 12), 12, (4, 4))
 
 
 def test_lut_steps_lower_both_losses_and_move_the_teacher_by_ema():
@@ -179,9 +218,9 @@ def test_lut_needs_a_second_view_and_ignores_targets():
 
 @pytest.mark.parametrize("name", ["mae", "mae+dtm"])
 def test_mae_objectives_train(name):
-    cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
+    cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3, **SMALL)
     student = MIMStudent(_tiny_vit(), 12)
-    obj = build_objective(name, cfg, student, 12, (4, 4), **SMALL)
+    obj = build_objective(name, cfg, student, 12, (4, 4))
     assert obj.model.backbone is student.backbone
     gen = torch.Generator().manual_seed(3)
     batch = {"images": _images(8, 1), "targets": torch.randn(8, 16, 12, generator=gen)}
@@ -205,9 +244,9 @@ def test_mae_objectives_train(name):
 def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
     from morphcache.train.student import create_student
 
-    cfg = RunConfig(store="s", objective="mae+dtm", model="vit_tiny_patch16")
+    cfg = RunConfig(store="s", objective="mae+dtm", model="vit_tiny_patch16", **SMALL)
     student = create_student(cfg.model, img_size=32, target_dim=12, patch_size=8)
-    obj = build_objective("mae+dtm", cfg, student, 12, (4, 4), **SMALL)
+    obj = build_objective("mae+dtm", cfg, student, 12, (4, 4))
     with torch.no_grad():
         for p in obj.model.backbone.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "trained" weights differ from any fresh init
@@ -222,11 +261,93 @@ def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
 
 def test_objectives_are_bf16_autocast_safe():
     for name in ("mae+dtm", "lut"):
-        cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3)
-        obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4), **SMALL)
+        cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3, **SMALL)
+        obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4))
         batch = {"images": _images(4), "images2": _images(4, 5), "targets": torch.randn(4, 16, 12)}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, metrics = obj(batch)
         loss.backward()
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_lut_view_parameters_follow_the_release_recipe():
+    """Statistics of the sampled view rows: near-full square crops (shorter side, offsets within the 4-pixel
+    padding), flip 1/2, view 1 without colour, view 2 jittered with p 0.8 in the release's ranges, grayscale 1/3."""
+    from morphcache.train.lut_views import lut_view_rows
+
+    n, size = 3000, 32
+    h, w = 48, 80  # resized to 32 x 53: top offsets in [-4, 4], left in [-4, 25] resized pixels (x 1.5 source)
+    rows = [lut_view_rows((h, w), size, seed=0, sample=i, row=i % 7) for i in range(n)]
+    v1 = np.stack([r[0] for r in rows])
+    v2 = np.stack([r[1] for r in rows])
+    for v in (v1, v2):
+        assert np.all(v[:, 2] == 48) and np.all(v[:, 3] == 48)  # the shorter side, square
+        assert v[:, 0].min() == 0 and v[:, 0].max() == 0  # h is the short side: padding shifts clamp back inside
+        assert v[:, 1].min() == 0 and v[:, 1].max() == w - 48  # left covers the whole free range
+        assert abs(v[:, 4].mean() - 0.5) < 0.04
+        # clamping at the borders: the left offset sits at 0 or at the right end with the padding's probability
+        edge = np.mean((v[:, 1] == 0) | (v[:, 1] == w - 48))
+        assert 0.15 < edge < 0.4  # (5 + 5) of 30 resized offsets land on a border (plus rounding)
+    assert np.all(v1[:, 5:] == [1.0, 1.0, 1.0, 0.0])  # view 1: no colour op
+    jittered = v2[:, 5] != 1.0
+    assert abs(jittered.mean() - 0.8) < 0.03
+    b, c, s, hue = v2[jittered, 5], v2[jittered, 6], v2[jittered, 7], v2[jittered, 8]
+    assert b.min() >= 0.6 and b.max() <= 1.4 and c.min() >= 0.6 and c.max() <= 1.4
+    assert abs(hue).max() <= 0.1 and abs(hue.mean()) < 0.01 and abs(b.mean() - 1) < 0.02
+    gray = v2[:, 7] == 0.0
+    assert abs(gray.mean() - 1 / 3) < 0.03  # one of grayscale / solarize / blur
+    kept = s[s != 0]
+    assert kept.min() >= 0.8 and kept.max() <= 1.2
+    # a pure function of (seed, sample, row): the DALI workers and the PIL fallback draw the same rows
+    again = lut_view_rows((h, w), size, seed=0, sample=5, row=5 % 7)
+    assert np.array_equal(again[0], rows[5][0]) and np.array_equal(again[1], rows[5][1])
+
+
+def test_lut_views_render_alike_with_dali_and_the_pil_fallback():
+    from morphcache.extract.images import canonicalize_bytes, encode_png
+    from morphcache.extract.render_fidelity import compare_renderers
+    from morphcache.train.lut_views import lut_view_rows
+
+    rng = np.random.default_rng(0)
+    encs, params = [], []
+    for i, (h, w) in enumerate([(40, 64), (64, 48), (50, 50)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1) + rng.normal(0, 8, (h, w, 3))
+        enc, _ = canonicalize_bytes(encode_png(np.clip(img, 0, 255).astype(np.uint8)), "x.png")
+        for sample in range(4):
+            for view in lut_view_rows((h, w), 32, seed=1, sample=sample, row=i):
+                encs.append(enc)
+                params.append(view)
+    params = np.stack(params)
+    assert (params[1::2, 7] == 0).any()  # a grayscale view is among them
+    stats = compare_renderers(encs, params, size=32, batch_size=8)
+    assert stats["mean_abs_pixel"] < 0.05 and stats["max_abs_pixel"] < 1.0, stats
+
+
+@pytest.mark.parametrize("fields", [dict(decoder_dim=48, decoder_heads=4), dict(decoder_depth=2),
+                                    dict(decoder_heads=8), dict(mask_ratio=0.5), dict(proj_hidden=32),
+                                    dict(proj_dim=16), dict(norm_pix=False)])
+def test_every_lut_size_knob_reaches_the_loss(fields):
+    def loss_of(**extra):
+        torch.manual_seed(0)
+        cfg = RunConfig(store="s", objective="lut", **{**SMALL, **extra})
+        obj = build_objective("lut", cfg, MIMStudent(_tiny_vit(0), 12), 12, (4, 4))
+        obj.generator.manual_seed(4)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return float(obj({"images": _images(4, 0), "images2": _images(4, 1)})[0])
+
+    assert loss_of(**fields) != pytest.approx(loss_of(), rel=1e-6)
+
+
+def test_release_sizes_are_the_defaults_and_cpu_small_is_named():
+    from morphcache.schemas.specs import RUN_PRESETS
+
+    cfg = RunConfig(store="s", objective="lut")
+    assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio) == (512, 8, 16, 0.75)
+    assert (cfg.proj_hidden, cfg.proj_dim) == (4096, None) and cfg.effective_betas() == (0.9, 0.95)
+    obj = build_objective("lut", cfg.model_copy(update={"decoder_depth": 1}), MIMStudent(_tiny_vit(), 12), 12, (4, 4))
+    proj = obj.learner.projector
+    assert (proj[0].in_features, proj[0].out_features, proj[3].out_features) == (48, 4096, 48)  # width -> 4096 -> width
+    assert RUN_PRESETS["cpu-small"]["decoder_dim"] == 256

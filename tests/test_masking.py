@@ -84,3 +84,19 @@ def test_generator_from_run_config_scales_to_grid():
     gen = block_mask_generator_from_config(cfg, (16, 16))
     assert gen.num_masked == 98 and gen.min_block == 16
     assert int(gen(0).sum()) == 98
+
+
+def test_mask_block_knobs_scale_with_the_grid_and_cap_blocks():
+    cfg = RunConfig(store="s", mask_patches=75, mask_min_block=16, mask_max_block=40, mask_scale_blocks=True)
+    gen = block_mask_generator_from_config(cfg, (8, 8))
+    assert (gen.num_masked, gen.min_block, gen.max_block) == (24, 5, 13)  # x 64/196
+    fixed = block_mask_generator_from_config(cfg.model_copy(update={"mask_scale_blocks": False}), (8, 8))
+    assert (fixed.min_block, fixed.max_block) == (16, 40)
+    # the largest block bounds every placed rectangle: with max 4 a 14x14 mask needs many separate blocks
+    small = BlockMaskGenerator((14, 14), 75, min_block=1, max_block=4)
+    big = BlockMaskGenerator((14, 14), 75, min_block=16)
+    rng_s, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    assert int(small.generate(rng_s).sum()) == 75
+    added_small = [small._place_block(np.zeros((14, 14), bool), 4, rng_s) for _ in range(50)]
+    assert max(added_small) <= 4
+    assert max(big._place_block(np.zeros((14, 14), bool), 75, rng_b) for _ in range(50)) > 16

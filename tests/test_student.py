@@ -139,3 +139,48 @@ def test_bad_checkpoints_raise_one_line_errors(student, tmp_path):
 def test_mask_shape_mismatch_is_refused(student):
     with pytest.raises(ConfigError, match="mask shape"):
         student(torch.randn(1, 3, 32, 32), torch.zeros(1, 15, dtype=torch.bool))
+
+
+def test_beit_students_use_relative_position_bias_and_train_with_dtm(tmp_path):
+    """timm BEiT as the student (the release's family): relative position bias per block and shared, q/v bias
+    only, layer scale; the unmasked path equals timm's forward_features, DTM trains it, checkpoints load back."""
+    from morphcache.train.mae import MAEModel
+    from morphcache.train.objectives import build_objective
+
+    torch.manual_seed(0)
+    beit = create_student("beit_base_patch16_224", img_size=32, target_dim=12, patch_size=8)
+    bb = beit.backbone
+    assert bb.pos_embed is None and bb.rel_pos_bias is not None
+    assert bb.blocks[0].attn.relative_position_bias_table is not None
+    assert bb.blocks[0].attn.q_bias is not None and bb.blocks[0].attn.v_bias is not None
+    assert torch.allclose(bb.blocks[0].gamma_1, torch.full_like(bb.blocks[0].gamma_1, 0.1))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        bb.eval()
+        assert torch.allclose(beit.encode(x, None), bb.forward_features(x), atol=1e-5)
+        # the relative position bias is used: changing the shared table changes the output
+        before = beit(x)
+        table = bb.rel_pos_bias.relative_position_bias_table
+        saved = table.clone()
+        table.add_(torch.randn_like(table))
+        assert not torch.allclose(beit(x), before, atol=1e-4)
+        table.copy_(saved)
+        bb.train()
+    cfg = RunConfig(store="s", model="beit_base_patch16_224", mask_min_block=2, dtm_max_merge=8, dtm_max_iters=3)
+    obj = build_objective("dtm", cfg, beit, 12, (4, 4))
+    groups = obj.param_groups(0.05)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(bb.blocks[0].attn.relative_position_bias_table) in no_decay
+    batch = {"images": torch.randn(4, 3, 32, 32), "targets": torch.randn(4, 16, 12)}
+    loss, _ = obj(batch)
+    loss.backward()
+    assert bb.rel_pos_bias.relative_position_bias_table.grad is not None
+    path = _checkpoint(beit, tmp_path / "beit.pt",
+                       config=RunConfig(store="s", model="beit_base_patch16_224").model_dump(mode="json"))
+    loaded, info = load_student_backbone(path)
+    with torch.no_grad():
+        bb.eval()
+        assert torch.allclose(loaded.forward_features(x), bb.forward_features(x), atol=1e-5)
+    assert info["grid"] == (4, 4)
+    with pytest.raises(ConfigError, match="vit_"):
+        MAEModel(bb)

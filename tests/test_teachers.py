@@ -83,6 +83,25 @@ def test_open_clip_projected_tokens(tiny_clip_weights):
     torch.testing.assert_close(p_proj, p_plain)
 
 
+def test_projected_tokens_are_open_clips_encode_image_projection(tiny_clip_weights):
+    """DTM's target: every final token after ln_post through the projection encode_image applies to the CLS token
+    (naver-ai/dtm: ``encode_image(x, return_all_tokens=True) @ visual.proj``); projected is load_open_clip_teacher's
+    default."""
+    from morphcache.extract.teachers.open_clip_teacher import load_open_clip_teacher
+
+    teacher = load_open_clip_teacher(TINY_CLIP, tiny_clip_weights)
+    assert teacher.spec.projected and teacher.spec.dim == 48
+    ref = open_clip.create_model(TINY_CLIP, pretrained=tiny_clip_weights).eval()
+    x = _images(2, 32, seed=3)
+    with torch.no_grad():
+        tokens, _ = teacher.forward_tokens(x)
+        v = ref.visual
+        all_tokens = v.ln_post(v.transformer(v._embeds(x))) @ v.proj  # (B, 1 + T, embed_dim)
+        torch.testing.assert_close(all_tokens[:, 0], ref.encode_image(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tokens, all_tokens[:, 1:], rtol=1e-5, atol=1e-5)
+    assert not load_open_clip_teacher(TINY_CLIP, tiny_clip_weights, projected=False).spec.projected
+
+
 def test_open_clip_image_size_override_and_bf16(tiny_clip_weights):
     teacher = load_teacher("open_clip", TINY_CLIP, tiny_clip_weights, image_size=48)
     assert teacher.spec.image_size == 48 and teacher.spec.n_tokens == 36

@@ -89,8 +89,10 @@ def test_resumed_run_matches_the_uninterrupted_run(store_path, tmp_path):
 
 @pytest.mark.parametrize("objective", ["mae", "lut", "mae+dtm"])
 def test_every_objective_trains_from_the_store(store_path, tmp_path, objective):
+    from morphcache.schemas.specs import RUN_PRESETS
+
     cfg = _config(store_path, objective=objective, epochs=1, max_steps=2, accum_steps=1, loader="torch", workers=0,
-                  precision="fp32")
+                  precision="fp32", **RUN_PRESETS["cpu-small"])
     summary = run_training(cfg, tmp_path / objective, tensorboard=False)
     records = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and len(records) == 2
@@ -116,3 +118,51 @@ def test_online_teacher_run_follows_the_cached_run(store_path, tmp_path):
     a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
     np.testing.assert_allclose(b, a, rtol=2e-2)
     assert not np.array_equal(a, b)  # the live teacher really ran (no quantization)
+
+
+def test_optimizer_knobs_reach_the_optimizer_and_the_loss():
+    """--adam-betas, --adam-eps and --weight-decay-end change the parameters after a few steps, so the loss."""
+    from morphcache.train.objectives import build_objective
+    from morphcache.train.schedule import build_optimizer, weight_decay_at
+    from morphcache.train.student import create_student
+
+    def loss_after_steps(**fields):
+        cfg = RunConfig(store="s", objective="tokenwise", mask_min_block=2, **fields)
+        torch.manual_seed(0)
+        obj = build_objective("tokenwise", cfg, create_student("vit_tiny_patch16", 32, 8, patch_size=8), 8, (4, 4))
+        optimizer, schedule = build_optimizer(obj, cfg, 1e-2, total_steps=4)
+        gen = torch.Generator().manual_seed(1)
+        batch = {"images": torch.randn(4, 3, 32, 32, generator=gen), "targets": torch.randn(4, 16, 8, generator=gen),
+                 "mask": torch.zeros(4, 16, dtype=torch.bool)}
+        for _ in range(3):
+            schedule.apply()
+            loss, _ = obj(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.advance()
+        assert optimizer.defaults["betas"] == cfg.effective_betas() and optimizer.defaults["eps"] == cfg.adam_eps
+        with torch.no_grad():
+            return float(obj(batch)[0]), optimizer
+
+    base, opt = loss_after_steps()
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    for fields in (dict(adam_betas=(0.9, 0.95)), dict(adam_eps=1e-3), dict(weight_decay_end=5.0)):
+        other, opt = loss_after_steps(**fields)
+        assert other != pytest.approx(base, rel=1e-7), fields
+    # cosine weight decay on the decaying group only (naver-ai/dtm wd schedule); step 2 of 4 was the last applied
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(weight_decay_at(2, 4, 0.05, 5.0))
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert RunConfig(store="s", objective="lut").effective_betas() == (0.9, 0.95)
+    assert RunConfig(store="s").effective_betas() == (0.9, 0.999)
+
+
+def test_print_config_shows_the_effective_hyper_parameters(store_path, capsys):
+    code = main(["train", "--store", str(store_path), "--model", "vit_tiny_patch16", "--objective", "lut",
+                 "--preset", "cpu-small", "--decoder-depth", "3", "--print-config"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["decoder_depth"] == 3 and printed["decoder_dim"] == 256 and printed["proj_hidden"] == 2048
+    eff = printed["effective"]
+    assert eff["adam_betas"] == [0.9, 0.95] and eff["grid"] == [4, 4] and eff["mask_num_masked"] == 6
+    assert eff["dtm_case_ranges"] == [[16, 14], [16, 14]] and eff["proj_dim"] == 256

@@ -39,9 +39,12 @@ class ExtractOptions(BaseModel):
     device: str = Field(default="auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
     renderer: Literal["dali", "dali-cpu", "pil"] = Field(
         default="dali", description="dali (GPU decode on a CUDA teacher) | dali-cpu | pil (no DALI needed)")
-    projected: bool = Field(default=False, description="open_clip: project tokens with the visual projection")
+    projected: bool | None = Field(
+        default=None, json_schema_extra={"cli_flags": "--projected/--unprojected"},
+        description="open_clip: tokens through the visual projection (DTM's CLIP target; the default for open_clip "
+                    "teachers), --unprojected keeps the tower width; other teachers have no projection")
     shard: tuple[int, int] | None = Field(default=None, description="I/N: do only chunks c with c % N == I",
-                                          json_schema_extra={"cli_type": str})
+                                          json_schema_extra={"cli_type": "str"})
     dask: str | None = Field(default=None, description="fan chunks out over dask: 'local' (embedded LocalCluster) or a "
                              "scheduler ADDRESS")
     dask_workers: int | None = Field(default=None, ge=1,
@@ -60,8 +63,15 @@ class ExtractOptions(BaseModel):
             return parse_shard(value)
         return value
 
+    @property
+    def projects(self) -> bool:
+        """Whether the teacher's tokens go through its visual projection (None: yes for open_clip teachers)."""
+        if self.projected is None:  # DTM distils CLIP's projected tokens; other teachers have no projection
+            return self.teacher.split(":", 1)[0].lower().replace("-", "_") in ("open_clip", "openclip")
+        return self.projected
+
     def teacher_args(self) -> dict:
-        return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projected,
+        return {"teacher": self.teacher, "image_size": self.image_size, "projected": self.projects,
                 "device": self.device, "precision": self.precision}
 
     def replace(self, **changes) -> "ExtractOptions":

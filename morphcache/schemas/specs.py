@@ -11,7 +11,7 @@ import math
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 2  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None)
 
@@ -235,50 +235,187 @@ class StoreSpec(_Model):
         return sorted(_diff(a, b) + [f"teacher.{d}" for d in self.teacher.differences(other.teacher)])
 
 
+#: Named groups of RunConfig values for ``morphcache train --preset``. ``release`` is the fields' defaults (the
+#: released LUT / MAE sizes); ``cpu-small`` shrinks the MAE decoder and the LUT heads for CPU runs.
+RUN_PRESETS: dict[str, dict] = {
+    "release": {},
+    "cpu-small": {"decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8, "proj_hidden": 2048, "proj_dim": 256},
+}
+
+
 class RunConfig(_Model):
-    """A pretraining run's resolved configuration, saved as ``RUN_DIR/config.json``."""
+    """A pretraining run's resolved configuration, saved as ``RUN_DIR/config.json``.
+
+    Defaults follow naver-ai/dtm (DTM, token-wise) and naver-ai/lut (LUT, MAE sizes) unless a field's description
+    says otherwise; README "Departures from the released code" lists every difference.
+    """
 
     schema_version: int = SCHEMA_VERSION
-    store: str
-    model: str = "vit_tiny_patch16_224"
-    objective: Literal["dtm", "tokenwise", "mae", "lut", "mae+dtm"] = "dtm"
-    epochs: int = Field(default=1, gt=0)
-    batch_size: int = Field(default=32, gt=0)
-    accum_steps: int = Field(default=1, gt=0)
+    store: str = Field(description="feature store written by `morphcache extract`")
+    model: str = Field(default="vit_tiny_patch16_224", description="timm ViT or BEiT student, e.g. vit_tiny_patch16 "
+                       "or vit_small_patch16_224 or beitv2_base_patch16_224")
+    objective: Literal["dtm", "tokenwise", "mae", "lut", "mae+dtm"] = Field(default="dtm", description="training objective")
+    preset: Literal["release", "cpu-small"] = Field(
+        default="release", description="sizes: release (naver-ai/lut MAE decoder 512x8x16, heads 4096) | cpu-small "
+        "(decoder 256x2x8, heads 2048->256, for CPU runs); explicitly set sizes win")
+    epochs: int = Field(default=1, gt=0, description="epochs (one view per image per epoch)")
+    batch_size: int = Field(default=32, gt=0, description="rows per micro-batch per process")
+    accum_steps: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     base_lr: float = Field(default=1.5e-3, gt=0, description="lr at batch 2048; scaled by sqrt(batch/2048)")
-    min_lr: float = Field(default=1e-5, ge=0)
-    weight_decay: float = Field(default=0.05, ge=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    clip_grad: float | None = 3.0
-    layer_scale: float = 0.1
-    drop_path: float = 0.0
+    min_lr: float = Field(default=1e-5, ge=0, description="final lr of the cosine schedule")
+    weight_decay: float = Field(default=0.05, ge=0, description="AdamW weight decay (start value with weight_decay_end)")
+    weight_decay_end: float | None = Field(
+        default=None, ge=0, description="final weight decay of a cosine schedule from weight_decay (naver-ai/dtm "
+        "--weight_decay_end); None keeps it constant")
+    adam_betas: tuple[float, float] | None = Field(
+        default=None, description="AdamW betas; None = (0.9, 0.95) for mae / lut / mae+dtm (naver-ai/lut, MAE) "
+        "and (0.9, 0.999) for dtm / tokenwise (naver-ai/dtm's optimizer default)")
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW eps (naver-ai/dtm --opt_eps)")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warmup, optimizer steps (naver-ai/dtm: 5 epochs)")
+    clip_grad: float | None = Field(default=3.0, ge=0, description="max gradient norm; 0 or None disables clipping")
+    layer_scale: float = Field(default=0.1, ge=0, description="ViT layer scale init; 0 disables")
+    drop_path: float = Field(default=0.0, ge=0, lt=1, description="stochastic depth (naver-ai/dtm: 0.1)")
     mask_patches: int = Field(default=75, ge=0, description="masked patches at a 14x14 grid; scaled to the grid")
-    mask_min_block: int = 16
-    mask_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    mask_min_block: int = Field(default=16, ge=1, description="smallest mask block, patches")
+    mask_max_block: int | None = Field(
+        default=None, ge=1, description="largest mask block, patches; None = the masked count (BEiT)")
+    mask_scale_blocks: bool = Field(
+        default=False, json_schema_extra={"cli_flags": "--mask-scale-blocks/--mask-fixed-blocks"}, description="mask_min_block / mask_max_block are given at 14x14 and scaled to the grid like "
+        "mask_patches (16 -> 5 at 8x8); False uses them as given (the release's 14x14 values)")
+    mask_aspect: tuple[float, float] = Field(default=(0.3, 1 / 0.3), description="mask block aspect range MIN MAX")
     dtm_max_merge: int | None = Field(
         default=None, ge=0,
         description="N: n tokens to merge sampled in [0, N]; None = every token of the grid (released: 196 at 14x14)",
     )
     dtm_max_iters: int = Field(default=14, ge=1, description="K: k iterations sampled in [1, K]")
     dtm_cases: int = Field(default=2, ge=1, description="L morphing cases per step")
-    loss: Literal["smooth_l1", "cosine", "l2"] = "smooth_l1"
-    target_norm: Literal["layernorm", "none"] = Field(
-        default="none",
-        description="normalize each cached target token before matching and loss (LayerNorm without affine, as "
-        "MaskDistill does for its CLIP targets) or use the teacher's tokens as stored",
+    dtm_case_ranges: list[tuple[int, int]] | None = Field(
+        default=None, json_schema_extra={"cli_flags": "--dtm-case", "cli_type": "list[str]"}, description="N,K of one "
+        "morphing case on the command line (repeat per case, e.g. --dtm-case 196,14 --dtm-case 98,7); (N, K) of "
+        "each morphing case (naver-ai/dtm n1 k1, n2 k2); its length is L and it "
+        "replaces dtm_max_merge / dtm_max_iters / dtm_cases")
+    dtm_merge_rule: Literal["released", "exact"] = Field(
+        default="released",
+        description="tokens merged per iteration: released = ceil(n/k) in each of the k iterations (floor when "
+        "ceil(n/k)*k > N of the first case), capped at half the tokens, as naver-ai/dtm; exact = exactly n in total",
     )
-    smooth_l1_beta: float = 2.0
-    mae_weight: float = 1.0
-    unmasked_weight: float = 0.25
-    ema_momentum: tuple[float, float] = (0.996, 1.0)
-    teacher_online: bool = False
-    loader: Literal["dali", "torch"] = "dali"
-    workers: int = Field(default=2, ge=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    seed: int = 0
+    dtm_protect_top_left: bool = Field(
+        default=False, json_schema_extra={"cli_flags": "--dtm-protect-top-left/--dtm-merge-top-left"},
+        description="never merge the first (top-left) patch, as naver-ai/dtm does by treating it as a class token; "
+        "default False follows the paper's Algorithm 1",
+    )
+    dtm_weight: float = Field(default=1.0, ge=0, description="weight of the DTM loss (naver-ai/dtm --w_dtm)")
+    loss: Literal["smooth_l1", "l1", "cosine", "l2"] = "smooth_l1"
+    target_norm: Literal["layernorm", "morphed", "none"] = Field(
+        default="none",
+        description="layernorm: standardise each cached target token before matching and loss (LayerNorm without "
+        "affine, as MaskDistill); morphed: standardise each morphed target token after morphing (naver-ai/dtm "
+        "--normalize_target; matching still sees the raw targets); none: the teacher's tokens as stored",
+    )
+    smooth_l1_beta: float = Field(default=2.0, gt=0, description="beta of the smooth-L1 loss (naver-ai/dtm: 2.0)")
+    mae_weight: float = Field(default=1.0, ge=0, description="weight of the MAE loss (mae+dtm)")
+    unmasked_weight: float = Field(default=0.25, ge=0, description="LUT weight of the unmasked-token loss")
+    ema_momentum: tuple[float, float] = Field(default=(0.996, 1.0), description="LUT EMA momentum START END (cosine)")
+    mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0, description="MAE / LUT masked fraction")
+    decoder_dim: int = Field(default=512, gt=0, description="MAE decoder width (naver-ai/lut: 512)")
+    decoder_depth: int = Field(default=8, gt=0, description="MAE decoder blocks (naver-ai/lut: 8)")
+    decoder_heads: int = Field(default=16, gt=0, description="MAE decoder heads (naver-ai/lut: 16)")
+    norm_pix: bool = Field(default=True, description="MAE per-patch normalised pixel targets (naver-ai/lut recipe)")
+    proj_hidden: int = Field(default=4096, gt=0, description="LUT projector / predictor hidden width")
+    proj_dim: int | None = Field(default=None, gt=0, description="LUT projector output width; None = the student's "
+                                 "width (naver-ai/lut)")
+    lut_views: Literal["release", "stored"] = Field(
+        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full crops, colour "
+        "on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
+        "two of the store's extracted views")
+    teacher_online: bool = Field(default=False, description="run the teacher live instead of reading the cache")
+    loader: Literal["dali", "torch"] = Field(default="dali", description="dali | torch (PIL renderer, pixels within "
+                                             "measured tolerance)")
+    workers: int = Field(default=2, ge=0, description="loader worker processes")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto = bf16 autocast on a GPU that has it, fp32 on CPU; the run directory "
+        "records the precision chosen")
+    seed: int = Field(default=0, description="seed of the student init, data order and masks")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = end only")
-    allow_partial: bool = False
-    max_steps: int | None = None
+    allow_partial: bool = Field(default=False, description="train on the finished chunks of an incomplete store")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (the "
+                                  "schedule is unchanged)")
+
+    @field_validator("dtm_case_ranges", mode="before")
+    @classmethod
+    def _parse_cases(cls, value):
+        """``"N,K"`` strings (the command line's ``--dtm-case``) -> ``(N, K)`` pairs."""
+        if isinstance(value, (list, tuple)):
+            out = []
+            for item in value:
+                if isinstance(item, str):
+                    parts = item.split(",")
+                    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+                        raise ValueError(f"each case must be N,K (two integers), e.g. 196,14; got {item!r}")
+                    item = tuple(int(p) for p in parts)
+                out.append(item)
+            return out
+        return value
+
+    @field_validator("clip_grad")
+    @classmethod
+    def _no_clip_as_none(cls, value):
+        return None if value == 0 else value
+
+    @model_validator(mode="after")
+    def _check_cases(self) -> "RunConfig":
+        if self.dtm_case_ranges is not None:
+            if not self.dtm_case_ranges:
+                raise ValueError("dtm_case_ranges must hold at least one (N, K)")
+            for n, k in self.dtm_case_ranges:
+                if n < 0 or k < 1:
+                    raise ValueError(f"each DTM case needs N >= 0 and K >= 1, got ({n}, {k})")
+        return self
+
+    def effective_betas(self) -> tuple[float, float]:
+        """AdamW betas of this run (``adam_betas``, or the objective's released default)."""
+        if self.adam_betas is not None:
+            return tuple(self.adam_betas)
+        return (0.9, 0.95) if self.objective in ("mae", "lut", "mae+dtm") else (0.9, 0.999)
+
+    def effective(self, grid: tuple[int, int] | None = None, width: int | None = None, world_size: int = 1) -> dict:
+        """Every field plus ``effective``: the values the run derives from them (betas, peak lr, and at a known
+        token ``grid`` / student ``width`` the DTM case ranges and merge budget, mask counts and block sizes,
+        LUT projector width). Nothing is left implicit, so two runs' hyper-parameters can be compared."""
+        import math as _math
+
+        eff: dict = {
+            "adam_betas": list(self.effective_betas()),
+            "global_batch": self.batch_size * self.accum_steps * world_size,
+            "peak_lr": self.base_lr * _math.sqrt(self.batch_size * self.accum_steps * world_size / 2048),
+            "weight_decay_schedule": "constant" if self.weight_decay_end is None else
+            f"cosine {self.weight_decay} -> {self.weight_decay_end}",
+        }
+        if grid is not None:
+            n_tokens = int(grid[0]) * int(grid[1])
+
+            def at_grid(count: int) -> int:  # as morphcache.train.masking.scaled_num_masked
+                return int(round(count * n_tokens / 196))
+
+            masked = at_grid(self.mask_patches)
+            min_block, max_block = self.mask_min_block, self.mask_max_block
+            if self.mask_scale_blocks:
+                min_block = max(1, at_grid(min_block))
+                max_block = None if max_block is None else max(1, at_grid(max_block))
+            ranges = self.dtm_ranges(n_tokens)
+            eff.update(grid=list(grid), mask_num_masked=masked, mask_min_block=min_block,
+                       mask_max_block=masked if max_block is None else max_block,
+                       dtm_case_ranges=[list(r) for r in ranges], dtm_merge_budget=ranges[0][0])
+        if width is not None:
+            eff["proj_dim"] = int(width) if self.proj_dim is None else self.proj_dim
+        return {**self.model_dump(mode="json"), "effective": eff}
+
+    def dtm_ranges(self, n_tokens: int) -> list[tuple[int, int]]:
+        """(N, K) of each morphing case at a grid of ``n_tokens`` (N = None resolves to ``n_tokens``)."""
+        if self.dtm_case_ranges is not None:
+            return [(int(n), int(k)) for n, k in self.dtm_case_ranges]
+        n = int(n_tokens) if self.dtm_max_merge is None else self.dtm_max_merge
+        return [(n, self.dtm_max_iters)] * self.dtm_cases
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:

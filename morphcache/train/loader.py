@@ -58,6 +58,7 @@ class RenderSpec:
     interpolation: str = "linear"
     teacher_size: int | None = None
     second_view: bool = False
+    lut_views: bool = False  # both views drawn from LUT's recipe (morphcache.train.lut_views), not the stored rows
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -71,18 +72,20 @@ class ViewSource:
     """
 
     def __init__(self, store_path: str, sampler: EpochSampler, image_root: str | None = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, lut_size: int | None = None) -> None:
         self.store_path = str(store_path)
         self.sampler = sampler
         self.image_root = image_root
         self.start_sample = int(start_step) * sampler.batch_size
+        self.lut_size = lut_size  # set: both views follow LUT's recipe at this student side instead of stored rows
         self._views: np.ndarray | None = None
         self._paths: np.ndarray | None = None
         self._hashes: np.ndarray | None = None
+        self._sizes: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_views"] = state["_paths"] = state["_hashes"] = None
+        state["_views"] = state["_paths"] = state["_hashes"] = state["_sizes"] = None
         return state
 
     def _open(self) -> None:
@@ -93,6 +96,7 @@ class ViewSource:
         self._views = np.asarray(store.array("views")[:], dtype=np.float32)  # (R, P)
         self._paths = np.array([os.path.join(root, p) for p in store.image_paths()], dtype=object)
         self._hashes = np.asarray(store.array("images/hash")[:]).astype(object).astype(str)
+        self._sizes = np.asarray(store.array("images/size")[:], dtype=np.int64)  # (N, 2) source height, width
 
     def image_bytes(self, row: int) -> np.ndarray:
         """Canonical encoded bytes of ``row``'s image; a file edited since extraction is refused (one blake2b)."""
@@ -108,9 +112,15 @@ class ViewSource:
         if self._views is None:
             self._open()
         row, row2 = self.sampler.sample_rows(global_sample)
-        out = (self.image_bytes(row), self._views[row], np.array([row], dtype=np.int64))
+        params, params2 = self._views[row], self._views[row2]
+        if self.lut_size is not None:
+            from morphcache.train.lut_views import lut_view_rows
+
+            hw = self._sizes[row // self.sampler.views_per_image]
+            params, params2 = lut_view_rows(hw, self.lut_size, self.sampler.seed, global_sample, row)
+        out = (self.image_bytes(row), params, np.array([row], dtype=np.int64))
         if self.sampler.second_view:
-            out += (self._views[row2], np.array([row2], dtype=np.int64))
+            out += (params2, np.array([row2], dtype=np.int64))
         return out
 
     def __call__(self, sample_info) -> tuple[np.ndarray, ...]:
@@ -141,7 +151,8 @@ class DaliTrainLoader:
                  prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
         self.store, self.sampler, self.render = store, sampler, render
         self.start_step = int(start_step)
-        self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step)
+        self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step,
+                                 lut_size=render.img_size if render.lut_views else None)
         self.targets = TargetPrefetcher(store, sampler, prefetch, device=target_device) if read_targets else None
         self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, workers), threads,
                                      prefetch, start_method)

@@ -37,7 +37,7 @@ from morphcache.train.checkpoint import (
 )
 from morphcache.train.loader import RenderSpec
 from morphcache.train.sampler import EpochSampler
-from morphcache.train.schedule import WarmupCosine, scaled_lr
+from morphcache.train.schedule import build_optimizer, scaled_lr
 
 TARGET_OBJECTIVES = ("dtm", "tokenwise", "mae+dtm")
 MASK_OBJECTIVES = ("dtm", "tokenwise")
@@ -117,7 +117,14 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
                  image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
                  teacher_weights: str | None = None, device: str | None = None) -> dict:
     """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``).
-    ``device``: a resolved ``--device`` (None: CUDA when available, else CPU)."""
+    ``device``: a resolved ``--device`` (None: CUDA when available, else CPU); ``config.precision`` ``auto`` is
+    resolved for it (bf16 on a GPU that has it, fp32 on CPU) before the config is saved.
+
+    Raises:
+        ConfigError: a student that does not fit the store, a run directory of another config, bad options.
+        StoreError: an incomplete store without ``allow_partial``.
+    """
+    from morphcache.device import resolve_precision
     from morphcache.progress import progress_bar
     from morphcache.store.feature_store import FeatureStore
     from morphcache.train.masking import block_mask_generator_from_config
@@ -128,6 +135,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     t_setup = time.perf_counter()
     out_dir = Path(out_dir)
     rank, world, device = _init_distributed(device)
+    if config.precision == "auto":
+        config = config.model_copy(update={"precision": resolve_precision("auto", str(device), ("bf16", "fp32"))})
     store = FeatureStore.open(config.store)
     spec = store.spec
     guards.check_store_complete(store, config.allow_partial)
@@ -144,7 +153,6 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     objective = build_objective(config.objective, config, student, target_dim, spec.teacher.grid).to(device)
     if world > 1:
         reseed_generators(objective, config.seed, rank)
-    optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=config.base_lr, betas=(0.9, 0.999))
 
     sampler = EpochSampler(store.ok_rows(), spec.views_per_image, config.batch_size, config.seed, rank, world,
                            second_view=config.objective == "lut")
@@ -155,8 +163,7 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     total_steps = config.epochs * steps_per_epoch
     stop = min(total_steps, config.max_steps) if config.max_steps else total_steps
     global_batch = config.batch_size * config.accum_steps * world
-    schedule = WarmupCosine(optimizer, scaled_lr(config.base_lr, global_batch), config.min_lr,
-                            config.warmup_steps, total_steps)
+    optimizer, schedule = build_optimizer(objective, config, scaled_lr(config.base_lr, global_batch), total_steps)
 
     step, ckpt = 0, None
     if resuming:
@@ -186,7 +193,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
         teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision,
                                 weights=teacher_weights)
     render = RenderSpec(side, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
-                        teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut")
+                        teacher_size=teacher.size if teacher else None, second_view=config.objective == "lut",
+                        lut_views=config.objective == "lut" and config.lut_views == "release")
     loader = make_loader(config.loader, store, sampler, render, start_step=step * config.accum_steps,
                          workers=config.workers, read_targets=config.objective in TARGET_OBJECTIVES and teacher is None,
                          image_root=image_root, target_device=str(device) if device.type == "cuda" else None)

@@ -1,21 +1,26 @@
 """LUT (Kim, Chun, Heo, Han, ECCV 2024): MAE plus a BYOL-style loss on the student's unmasked tokens.
 
-Per step, two views x1, x2 of each image:
+Follows naver-ai/lut (``models/models_lut.py``, ``engines/engine_lut.py``, ``util/model_ema_sched.py``). Per step,
+two views x1, x2 of each image:
 
 - one random permutation of the T grid positions per sample gives two *disjoint* keep sets of K = T(1 - ratio)
   positions each (view 1 keeps ``perm[:K]``, view 2 keeps ``perm[K:2K]``; needs ratio >= 0.5);
 - the student (an :class:`~morphcache.train.mae.MAEModel`) encodes each view's kept patches; the decoder
-  reconstructs the masked patches (MAE loss on normalised pixels);
+  reconstructs the masked patches of **view 1 only** (MAE loss on normalised pixels), as the release does;
 - the mean of the student's unmasked (kept) patch tokens -> projector -> predictor gives q1, q2;
-- an EMA teacher (copies of the backbone and projector, no gradient) encodes the *full* other view, mean of its
-  patch tokens -> projector gives z2, z1;
-- L_unmasked = (byol(q1, z2) + byol(q2, z1)) / 2 with byol = 2 - 2 cos; L_MAE = mean over both views;
-  total = mae_weight * L_MAE + unmasked_weight * L_unmasked (LUT: 1.0 and 0.25).
+- an EMA teacher encodes the *full* other view, mean of its patch tokens -> projector gives z2, z1;
+- L_unmasked = (byol(q1, z2) + byol(q2, z1)) / 2 with byol = 2 - 2 cos;
+  total = mae_weight * L_MAE + unmasked_weight * L_unmasked (released recipe: 1.0 and 0.25).
 
-The teacher's momentum follows a cosine schedule from 0.996 to 1 over training (:func:`cosine_momentum`); call
-:meth:`LUTLearner.update_teacher` after every optimizer step. Projector / predictor: Linear -> BatchNorm1d ->
-ReLU -> Linear (BYOL). The teacher's BatchNorm runs on batch statistics like the student's (BYOL); its running
-buffers are copied from the student at every update.
+Projector and predictor (release ``_build_mlp`` with ``--head_norm_layer BN``): Linear (no bias) -> BatchNorm1d
+-> ReLU -> Linear (no bias), width -> 4096 -> width by default.
+
+The EMA teacher is a deep copy of the backbone and the projector, kept in **eval mode** (its BatchNorm uses
+running statistics), and every floating state entry -- parameters and BatchNorm running mean / variance -- is
+averaged ``t = m t + (1 - m) s`` after each optimizer step (the release averages the whole ``state_dict``); the
+integer batch counters are copied. The momentum follows a cosine from 0.996 to 1 over training
+(:func:`cosine_momentum`, the release's ``cosine_scheduler(decay, 1, ...)``); call
+:meth:`LUTLearner.update_teacher` after every optimizer step.
 """
 
 from __future__ import annotations
@@ -33,14 +38,14 @@ from morphcache.train.mae import MAEModel, keep_to_mask
 
 
 class MLPHead(nn.Sequential):
-    """BYOL projector / predictor: (B, in_dim) -> Linear -> BN -> ReLU -> Linear -> (B, out_dim)."""
+    """Projector / predictor: (B, in_dim) -> Linear (no bias) -> BN -> ReLU -> Linear (no bias) -> (B, out_dim)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__(
-            nn.Linear(in_dim, hidden_dim),
+            nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(hidden_dim, out_dim, bias=False),
         )
 
 
@@ -65,22 +70,30 @@ def disjoint_keep_sets(
 
 
 class EMATeacher(nn.Module):
-    """Frozen copies of the student's modules, updated as ``t = m t + (1 - m) s``; never receives gradients."""
+    """Deep copies of the student's modules in eval mode, updated as ``t = m t + (1 - m) s`` for every floating
+    parameter and buffer (integer buffers are copied); never receives gradients and never leaves eval mode."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleDict({name: copy.deepcopy(m) for name, m in modules.items()})
         for p in self.parts.parameters():
             p.requires_grad_(False)
+        self.parts.eval()
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        """Stays in eval mode whatever ``mode`` (the teacher's BatchNorm always uses its running statistics)."""
+        return super().train(False)
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], momentum: float) -> None:
         for name, student in modules.items():
-            teacher = self.parts[name]
-            for t, s in zip(teacher.parameters(), student.parameters()):
-                t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-            for t, s in zip(teacher.buffers(), student.buffers()):
-                t.copy_(s)
+            teacher_state = self.parts[name].state_dict(keep_vars=True)
+            for key, s in student.state_dict(keep_vars=True).items():
+                t = teacher_state[key]
+                if t.is_floating_point():
+                    t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+                else:
+                    t.copy_(s)
 
 
 class LUTLearner(nn.Module):
@@ -89,8 +102,8 @@ class LUTLearner(nn.Module):
     def __init__(
         self,
         model: MAEModel,
-        proj_hidden: int = 2048,
-        proj_dim: int = 256,
+        proj_hidden: int = 4096,
+        proj_dim: int | None = None,
         mae_weight: float = 1.0,
         unmasked_weight: float = 0.25,
         momentum: tuple[float, float] = (0.996, 1.0),
@@ -98,6 +111,7 @@ class LUTLearner(nn.Module):
         super().__init__()
         self.model = model
         width = model.backbone.embed_dim
+        proj_dim = width if proj_dim is None else int(proj_dim)
         self.projector = MLPHead(width, proj_hidden, proj_dim)
         self.predictor = MLPHead(proj_dim, proj_hidden, proj_dim)
         self.teacher = EMATeacher({"backbone": model.backbone, "projector": self.projector})
@@ -105,11 +119,16 @@ class LUTLearner(nn.Module):
         self.momentum_range = (float(momentum[0]), float(momentum[1]))
         self.last_momentum = self.momentum_range[0]
 
-    def _student_views(self, x: torch.Tensor, keep: torch.Tensor, target: torch.Tensor):
-        out = self.model(x, keep)
-        mask = keep_to_mask(keep, self.model.num_tokens)
-        rec = mae_loss(out.pixels, target, mask)
-        pooled = self.model.visible_patch_tokens(out.latent).mean(dim=1)
+    def _student_view(self, x: torch.Tensor, keep: torch.Tensor, reconstruct: bool):
+        """(MAE loss of the view or None, q (B, proj_dim)); the decoder runs only when ``reconstruct``."""
+        if reconstruct:
+            out = self.model(x, keep)
+            mask = keep_to_mask(keep, self.model.num_tokens)
+            rec = mae_loss(out.pixels, pixel_targets(x, self.model.patch_size, self.model.norm_pix), mask)
+            latent = out.latent
+        else:
+            rec, latent = None, self.model.encode(x, keep)
+        pooled = self.model.visible_patch_tokens(latent).mean(dim=1)
         return rec, self.predictor(self.projector(pooled))
 
     @torch.no_grad()
@@ -127,11 +146,9 @@ class LUTLearner(nn.Module):
         b, t = x1.shape[0], self.model.num_tokens
         n_keep = max(1, int(round(t * (1.0 - self.model.mask_ratio))))
         keep1, keep2 = disjoint_keep_sets(b, t, n_keep, generator, x1.device)
-        p = self.model.patch_size
-        rec1, q1 = self._student_views(x1, keep1, pixel_targets(x1, p, self.model.norm_pix))
-        rec2, q2 = self._student_views(x2, keep2, pixel_targets(x2, p, self.model.norm_pix))
+        l_mae, q1 = self._student_view(x1, keep1, reconstruct=True)  # the release reconstructs view 1 only
+        _, q2 = self._student_view(x2, keep2, reconstruct=False)
         z1, z2 = self._teacher_target(x1), self._teacher_target(x2)
-        l_mae = (rec1 + rec2) / 2
         l_unm = (byol_loss(q1, z2) + byol_loss(q2, z1)) / 2
         loss = lut_total_loss(l_mae, l_unm, self.mae_weight, self.unmasked_weight)
         return loss, {"mae": float(l_mae.detach()), "unmasked": float(l_unm.detach()), "momentum": self.last_momentum}

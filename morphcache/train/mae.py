@@ -9,9 +9,10 @@
   ``targets (B, T, target_dim)``: a second linear head on the decoder features that predicts teacher tokens at
   every grid position (used by the ``mae+dtm`` objective, see :mod:`morphcache.train.objectives`).
 
-Defaults: 75% masking, decoder width 256, depth 2, 8 heads (MAE's ablations show a 1-2 block decoder is enough
-for representation quality; widths 128-512 are configurable). The loss (normalised pixels, masked patches only)
-is :func:`morphcache.train.losses.mae_loss.mae_loss`.
+This class's defaults (75% masking, decoder width 256, depth 2, 8 heads) are the ``cpu-small`` preset's; training
+runs take their sizes from :class:`~morphcache.schemas.specs.RunConfig`, whose defaults are naver-ai/lut's
+(decoder 512 wide, 8 blocks, 16 heads). The loss (normalised pixels, masked patches only) is
+:func:`morphcache.train.losses.mae_loss.mae_loss`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from morphcache.errors import ConfigError
-from morphcache.train.student import BackboneGrid, backbone_grid, backbone_patch_size, embed_patches, run_blocks
+from morphcache.train.student import (
+    BackboneGrid, backbone_grid, backbone_patch_size, embed_patches, is_beit, run_blocks,
+)
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -89,6 +92,9 @@ class MAEModel(BackboneGrid, nn.Module):
                 f"MAE decoder depth={decoder_depth}, width={decoder_dim}, heads={decoder_heads}: "
                 "need depth >= 1 and width divisible by heads"
             )
+        if is_beit(backbone):
+            raise ConfigError("MAE-based objectives (mae, lut, mae+dtm) drop masked tokens, which a BEiT student's "
+                              "relative position bias over the full grid does not allow; use a vit_* student")
         self.backbone = backbone
         self.mask_ratio = float(mask_ratio)
         self.norm_pix = bool(norm_pix)

@@ -137,10 +137,15 @@ class BlockMaskGenerator:
 
 
 def block_mask_generator_from_config(config, grid: tuple[int, int]) -> BlockMaskGenerator:
-    """The :class:`BlockMaskGenerator` a :class:`~morphcache.schemas.specs.RunConfig` asks for at ``grid``."""
-    return BlockMaskGenerator(
-        grid,
-        scaled_num_masked(config.mask_patches, grid),
-        min_block=config.mask_min_block,
-        aspect=tuple(config.mask_aspect),
-    )
+    """The :class:`BlockMaskGenerator` a :class:`~morphcache.schemas.specs.RunConfig` asks for at ``grid``.
+
+    ``mask_patches`` is scaled to the grid; ``mask_min_block`` / ``mask_max_block`` (None = the masked count) are
+    scaled the same way (at least 1 patch) when ``mask_scale_blocks`` is set, and used as given otherwise.
+    """
+    num_masked = scaled_num_masked(config.mask_patches, grid)
+    min_block, max_block = config.mask_min_block, config.mask_max_block
+    if config.mask_scale_blocks:
+        min_block = max(1, scaled_num_masked(min_block, grid))
+        max_block = None if max_block is None else max(1, scaled_num_masked(max_block, grid))
+    return BlockMaskGenerator(grid, num_masked, min_block=min_block, aspect=tuple(config.mask_aspect),
+                              max_block=max_block)

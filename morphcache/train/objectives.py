@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from morphcache.errors import ConfigError
-from morphcache.train.losses.dtm_loss import DTMLoss
+from morphcache.train.losses.dtm_loss import DTMLoss, standardize_tokens
 from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
 from morphcache.train.losses.tokenwise_loss import tokenwise_loss
 from morphcache.train.lut import LUTLearner
@@ -39,7 +39,8 @@ from morphcache.train.masking import block_mask_generator_from_config
 from morphcache.train.student import MIMStudent
 
 OBJECTIVES = ("dtm", "tokenwise", "mae", "lut", "mae+dtm")
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_mask_token")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_mask_token",
+                   "relative_position_bias_table")
 
 
 class Objective(nn.Module):
@@ -60,7 +61,8 @@ class Objective(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no weight decay on biases, norms (1-D) and position / class / mask tokens."""
+        """AdamW groups: no weight decay on biases, norms (1-D) and position / class / mask tokens (the releases'
+        rule: 1-D parameters and the model's ``no_weight_decay`` names)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -77,7 +79,8 @@ class Objective(nn.Module):
 
 
 def normalize_targets(targets: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, T, D) teacher tokens -> the regression targets: per-token LayerNorm without affine, or unchanged."""
+    """(B, T, D) teacher tokens -> the tokens matching and morphing see: per-token LayerNorm without affine for
+    ``layernorm``, unchanged otherwise (``morphed`` standardises after morphing, inside the DTM loss)."""
     if mode == "layernorm":
         return torch.nn.functional.layer_norm(targets.float(), targets.shape[-1:])
     return targets
@@ -113,6 +116,8 @@ class DistillObjective(Objective):
             mask = self.masker.batch(images.shape[0], self.generator)
         pred = self.model(images, mask.to(images.device))
         if self.dtm is None:
+            if self.target_norm == "morphed":  # no merges: every token is its own morphed token
+                targets = standardize_tokens(targets)
             loss = tokenwise_loss(pred, targets, self.kind, self.beta)
             return loss, {"loss": float(loss.detach())}
         loss, metrics = self.dtm(pred, targets)
@@ -173,13 +178,13 @@ def _backbone_of(student: nn.Module) -> nn.Module:
     return student.backbone
 
 
-def build_objective(name: str, config, student: nn.Module, target_dim: int, grid: tuple[int, int], **options) -> Objective:
+def build_objective(name: str, config, student: nn.Module, target_dim: int, grid: tuple[int, int]) -> Objective:
     """The objective ``name`` around ``student`` (a :class:`MIMStudent`; MAE objectives reuse its backbone, or
     take an :class:`MAEModel` directly).
 
-    ``grid`` is the store's token grid and must equal the student's. ``options`` override MAE / LUT sizes:
-    ``decoder_dim`` (256), ``decoder_depth`` (2), ``decoder_heads`` (8), ``mask_ratio`` (0.75), ``norm_pix``
-    (True), ``proj_hidden`` (2048), ``proj_dim`` (256).
+    ``grid`` is the store's token grid and must equal the student's. MAE / LUT sizes come from ``config``:
+    ``decoder_dim`` / ``decoder_depth`` / ``decoder_heads`` (naver-ai/lut: 512, 8, 16), ``mask_ratio`` (0.75),
+    ``norm_pix``, ``proj_hidden`` (4096) and ``proj_dim`` (None = the student's width).
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}")
@@ -196,20 +201,21 @@ def build_objective(name: str, config, student: nn.Module, target_dim: int, grid
         if student.target_dim != target_dim:
             raise ConfigError(f"student head width {student.target_dim} != target width {target_dim}")
         return DistillObjective(name, config, student, target_dim)
-    mae_opts = {k: options[k] for k in ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "norm_pix") if k in options}
     head_dim = target_dim if name == "mae+dtm" else None
     if isinstance(student, MAEModel) and (student.target_head is not None) == (head_dim is not None):
         model = student
     else:
-        model = MAEModel(backbone, target_dim=head_dim, **mae_opts)
+        model = MAEModel(backbone, decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
+                         decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio, norm_pix=config.norm_pix,
+                         target_dim=head_dim)
     if name == "lut":
-        lut_opts = {k: options[k] for k in ("proj_hidden", "proj_dim") if k in options}
         learner = LUTLearner(
             model,
+            proj_hidden=config.proj_hidden,
+            proj_dim=config.proj_dim,
             mae_weight=config.mae_weight,
             unmasked_weight=config.unmasked_weight,
             momentum=tuple(config.ema_momentum),
-            **lut_opts,
         )
         return LUTObjective(config, learner)
     return MAEObjective(name, config, model, head_dim)

@@ -2,6 +2,8 @@
 
 DTM's released recipe: ``peak = base_lr * sqrt(global_batch / 2048)`` with ``base_lr = 1.5e-3``; the lr rises
 linearly over ``warmup_steps`` optimizer steps, then follows a half cosine to ``min_lr`` at ``total_steps``.
+The weight decay optionally follows a cosine from ``weight_decay`` to ``weight_decay_end`` over all steps, without
+warmup, on the parameter groups that decay at all (naver-ai/dtm ``--weight_decay_end``, ``utils.cosine_scheduler``).
 The schedule is a pure function of the optimizer step, so checkpoints only need the step.
 """
 
@@ -26,12 +28,22 @@ def lr_at(step: int, total_steps: int, peak_lr: float, min_lr: float, warmup_ste
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine weight decay of optimizer step ``step`` (0-based): ``start`` at step 0 towards ``end`` at the end."""
+    t = min(1.0, max(0.0, step / max(1, total_steps)))
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
 class WarmupCosine:
-    """Sets ``lr`` of every param group of ``optimizer`` for each optimizer step (call :meth:`apply` before it)."""
+    """Sets ``lr`` (and, with ``weight_decay_end``, the weight decay of the decaying groups) of every param group
+    of ``optimizer`` for each optimizer step (call :meth:`apply` before it)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, min_lr: float, warmup_steps: int,
-                 total_steps: int) -> None:
+                 total_steps: int, weight_decay_end: float | None = None) -> None:
         self.optimizer = optimizer
+        self.weight_decay_end = None if weight_decay_end is None else float(weight_decay_end)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group.get("weight_decay", 0.0))
         self.peak_lr = float(peak_lr)
         self.min_lr = float(min(min_lr, peak_lr))
         self.warmup_steps = int(warmup_steps)
@@ -43,6 +55,9 @@ class WarmupCosine:
         lr = lr_at(self.step, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+            if self.weight_decay_end is not None and group["initial_weight_decay"] > 0:
+                group["weight_decay"] = weight_decay_at(self.step, self.total_steps, group["initial_weight_decay"],
+                                                        self.weight_decay_end)
         return lr
 
     def advance(self) -> None:
@@ -58,3 +73,13 @@ class WarmupCosine:
         self.min_lr = float(state["min_lr"])
         self.warmup_steps = int(state["warmup_steps"])
         self.total_steps = int(state["total_steps"])
+
+
+def build_optimizer(objective, config, peak_lr: float, total_steps: int) -> tuple[torch.optim.Optimizer, WarmupCosine]:
+    """AdamW over ``objective.param_groups(weight_decay)`` with the run's betas (``config.effective_betas()``) and
+    eps, and its :class:`WarmupCosine` (warmup, cosine lr to ``min_lr``, optional cosine weight decay)."""
+    optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=peak_lr,
+                                  betas=config.effective_betas(), eps=config.adam_eps)
+    schedule = WarmupCosine(optimizer, peak_lr, config.min_lr, config.warmup_steps, total_steps,
+                            config.weight_decay_end)
+    return optimizer, schedule

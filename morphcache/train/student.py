@@ -1,4 +1,11 @@
-"""The masked-image-modeling student: a timm ViT with a mask token and a linear head to the target width.
+"""The masked-image-modeling student: a timm ViT or BEiT with a mask token and a linear head to the target width.
+
+Students are timm ``VisionTransformer`` (``vit_*``) or timm ``Beit`` (``beit_*``, ``beitv2_*``: relative position
+bias, q/v bias only, layer scale), the release's student family. BEiT students are built as naver-ai/dtm builds
+its student (``run_pretrain_dtm.py`` defaults): a relative position bias in every block plus one shared across
+blocks, no absolute position embedding, and a final LayerNorm on every token (timm ``global_pool="token"``).
+BEiT students serve the dtm / tokenwise objectives; MAE-based objectives drop tokens, which a relative position
+bias over the full grid does not allow, so they need a ViT.
 
 ``MIMStudent.forward(x (B,3,S,S), mask (B,T) bool | None) -> (B,T,D)``: patch embeddings at masked positions
 are replaced by one learnable mask token (trunc-normal, std 0.02) *before* the position embedding is added (as
@@ -39,8 +46,15 @@ from morphcache.geometry import check_patch_multiple
 REQUIRED_CHECKPOINT_KEYS = ("model", "config", "target_dim", "img_size", "mean", "std")
 
 
+def is_beit(backbone: nn.Module) -> bool:
+    """True for a timm ``Beit`` backbone (relative position bias, blocks take ``shared_rel_pos_bias``)."""
+    from timm.models.beit import Beit
+
+    return isinstance(backbone, Beit)
+
+
 def resolve_model_name(name: str) -> str:
-    """A timm ViT name, accepting short aliases: ``vit_tiny_patch16`` -> ``vit_tiny_patch16_224``."""
+    """A timm ViT / BEiT name, accepting short aliases: ``vit_tiny_patch16`` -> ``vit_tiny_patch16_224``."""
     for candidate in (name, f"{name}_224"):
         if timm.is_model(candidate):
             return candidate
@@ -54,22 +68,28 @@ def create_backbone(
     drop_path: float = 0.0,
     patch_size: int | None = None,
 ) -> nn.Module:
-    """A randomly initialised timm ``VisionTransformer`` without classifier (``num_classes=0``).
+    """A randomly initialised timm ``VisionTransformer`` or ``Beit`` without classifier (``num_classes=0``).
 
-    ``layer_scale`` is timm's ``init_values`` (``None`` or <= 0 disables layer scale).
+    ``layer_scale`` is timm's ``init_values`` (``None`` or <= 0 disables layer scale). BEiT names get the
+    release's relative position biases (per block and shared) and a final LayerNorm on every token.
+    Raises ConfigError for an unknown or unsupported architecture.
     """
     kwargs = dict(pretrained=False, img_size=img_size, drop_path_rate=drop_path, num_classes=0)
     kwargs["init_values"] = layer_scale if layer_scale and layer_scale > 0 else None
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     name = resolve_model_name(model_name)
+    if name.startswith(("beit_", "beitv2_")):
+        kwargs.update(global_pool="token", use_rel_pos_bias=True, use_shared_rel_pos_bias=True, use_abs_pos_emb=False)
+    elif name.startswith("beit"):
+        raise ConfigError(f"student '{name}' is not supported; use a beit_* / beitv2_* or vit_* model")
     try:
         model = timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build student '{name}' at img_size={img_size}: {exc}") from exc
     for attr in ("patch_embed", "blocks", "norm", "pos_embed"):
         if not hasattr(model, attr):
-            raise ConfigError(f"student '{name}' is not a plain timm VisionTransformer (no '{attr}'); pick a vit_*")
+            raise ConfigError(f"student '{name}' is not a plain timm ViT / BEiT (no '{attr}'); pick a vit_* or beit_*")
     if getattr(model, "dynamic_img_size", False):
         raise ConfigError(f"student '{name}' uses dynamic_img_size, which the MIM student does not support")
     check_patch_multiple(img_size, model.patch_embed.patch_size[0], option="--img-size", model=name)
@@ -95,13 +115,15 @@ def embed_patches(backbone: nn.Module, tokens: torch.Tensor, keep_idx: torch.Ten
     """
     b = tokens.shape[0]
     n_prefix = backbone.num_prefix_tokens
-    pos = backbone.pos_embed
-    pos_prefix_len = 0 if backbone.no_embed_class else n_prefix
-    patch_pos = pos[:, pos_prefix_len:]
-    if keep_idx is not None:
-        idx = keep_idx.unsqueeze(-1).expand(-1, -1, patch_pos.shape[-1])
-        patch_pos = torch.gather(patch_pos.expand(b, -1, -1), 1, idx)
-    x = tokens + patch_pos
+    pos = backbone.pos_embed  # None for BEiT with relative position bias only
+    pos_prefix_len = 0 if getattr(backbone, "no_embed_class", False) else n_prefix
+    x = tokens
+    if pos is not None:
+        patch_pos = pos[:, pos_prefix_len:]
+        if keep_idx is not None:
+            idx = keep_idx.unsqueeze(-1).expand(-1, -1, patch_pos.shape[-1])
+            patch_pos = torch.gather(patch_pos.expand(b, -1, -1), 1, idx)
+        x = tokens + patch_pos
     prefix = []
     if backbone.cls_token is not None:
         prefix.append(backbone.cls_token.expand(b, -1, -1))
@@ -109,14 +131,28 @@ def embed_patches(backbone: nn.Module, tokens: torch.Tensor, keep_idx: torch.Ten
         prefix.append(backbone.reg_token.expand(b, -1, -1))
     if prefix:
         prefix_t = torch.cat(prefix, dim=1)
-        if pos_prefix_len:
+        if pos is not None and pos_prefix_len:
             prefix_t = prefix_t + pos[:, :pos_prefix_len]
         x = torch.cat([prefix_t.to(x.dtype), x], dim=1)
     return backbone.pos_drop(x)
 
 
 def run_blocks(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm_pre -> transformer blocks (gradient checkpointing honoured) -> final norm. (B, L, C) -> (B, L, C)."""
+    """norm_pre -> transformer blocks (gradient checkpointing honoured) -> final norm. (B, L, C) -> (B, L, C).
+
+    BEiT blocks receive the shared relative position bias, as timm's ``Beit.forward_features`` does.
+    """
+    if is_beit(backbone):
+        rel = backbone.rel_pos_bias() if backbone.rel_pos_bias is not None else None
+        checkpointing = getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for blk in backbone.blocks:
+            if checkpointing:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel)
+        return backbone.norm(x)
     x = backbone.norm_pre(x)
     if getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled():
         from timm.models import checkpoint_seq
@@ -143,7 +179,7 @@ class BackboneGrid:
 
 
 class MIMStudent(BackboneGrid, nn.Module):
-    """timm ViT + learnable mask token + linear head to ``target_dim`` (see module docstring)."""
+    """timm ViT / BEiT + learnable mask token + linear head to ``target_dim`` (see module docstring)."""
 
     def __init__(self, backbone: nn.Module, target_dim: int) -> None:
         super().__init__()
@@ -231,7 +267,7 @@ def load_student_backbone(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict
         raise MorphcacheError(f"checkpoint {path}: config has no 'model' name; the checkpoint is incomplete")
     state = _extract_backbone_state(ckpt["model"], path)
     patch_size = int(state["patch_embed.proj.weight"].shape[-1])
-    has_layer_scale = any(k.endswith("ls1.gamma") for k in state)
+    has_layer_scale = any(k.endswith(("ls1.gamma", "gamma_1")) for k in state)  # timm ViT / BEiT layer scale
     layer_scale = (config.get("layer_scale") or 1.0) if has_layer_scale else None
     backbone = create_backbone(model_name, int(ckpt["img_size"]), layer_scale, 0.0, patch_size)
     try:

@@ -72,7 +72,8 @@ class TorchTrainLoader:
                  prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
         del threads  # DALI-only knob; accepted so both loaders share one signature
         self.sampler, self.render, self.start_step = sampler, render, int(start_step)
-        source = ViewSource(str(store.path), sampler, image_root, start_step=0)
+        source = ViewSource(str(store.path), sampler, image_root, start_step=0,
+                            lut_size=render.img_size if render.lut_views else None)
         kwargs = {}
         if workers > 0:
             kwargs = {"prefetch_factor": max(1, prefetch), "multiprocessing_context": start_method,

@@ -2,8 +2,10 @@
 
 ``model.visual.output_tokens = True`` makes the vision tower return ``(pooled, tokens)``: ``tokens (B, T, width)``
 are the grid tokens after the final LayerNorm (``ln_post``), ``pooled (B, embed_dim)`` is the projected CLS
-embedding, identical to ``model.encode_image`` without normalization. With ``projected=True`` the tokens are
-multiplied by the visual projection too (ViT-B/16: 768 -> 512), which is what DTM distils.
+embedding, identical to ``model.encode_image`` without normalization. With ``projected=True`` (the default, and
+``morphcache extract``'s for open_clip teachers) the tokens are multiplied by the same visual projection
+``encode_image`` applies to the CLS token (ViT-B/16: 768 -> 512), as naver-ai/dtm's target
+``encode_image(x, return_all_tokens=True) @ visual.proj``; ``projected=False`` keeps the tower width.
 
 Only local weight files are accepted: open_clip's pretrained tags (``openai``, ``laion2b_...``) would download
 from a model hub, and this machine has no network.
@@ -53,7 +55,7 @@ class OpenClipTeacher(Teacher):
 
 
 def load_open_clip_teacher(arch: str, pretrained: str | None = None, image_size: int | None = None,
-                           projected: bool = False, device: str | torch.device = "cpu",
+                           projected: bool = True, device: str | torch.device = "cpu",
                            precision: Precision = "fp32") -> OpenClipTeacher:
     """Build an open_clip image tower teacher.
 
@@ -61,7 +63,8 @@ def load_open_clip_teacher(arch: str, pretrained: str | None = None, image_size:
         arch: open_clip architecture name, e.g. ``"ViT-B-16"``.
         pretrained: a local weights file (``.bin``/``.pt``/``.safetensors``) or ``None`` for random weights.
         image_size: input side; ``None`` keeps the architecture's (position embeddings are resized otherwise).
-        projected: pass tokens through the visual projection (``D = embed_dim`` instead of the width).
+        projected: pass tokens through the visual projection (``D = embed_dim`` instead of the width); default
+            True, DTM's target.
     """
     import open_clip
     from open_clip.transformer import VisionTransformer
@@ -81,7 +84,7 @@ def load_open_clip_teacher(arch: str, pretrained: str | None = None, image_size:
     if visual.pool_type == "none":
         raise ConfigError(f"open_clip architecture {arch!r} has no pooled embedding (pool_type 'none')")
     if projected and visual.proj is None:
-        raise ConfigError(f"open_clip architecture {arch!r} has no visual projection; drop --projected")
+        raise ConfigError(f"open_clip architecture {arch!r} has no visual projection; pass --unprojected")
     side, patch = visual.image_size[0], visual.patch_size[0]
     if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
         raise ConfigError(f"open_clip architecture {arch!r} is not square; only square inputs are supported")

@@ -1,8 +1,9 @@
-"""Per-token regression losses between predicted and target tokens (smooth-L1, cosine, L2).
+"""Per-token regression losses between predicted and target tokens (smooth-L1, L1, cosine, L2).
 
 All are computed in float32 (safe under bf16 autocast) and reduce over channels first:
 
 - ``smooth_l1``: Huber with transition ``beta`` (DTM's released default 2.0), mean over channels;
+- ``l1``: absolute error, mean over channels (naver-ai/dtm ``--loss_type l1``);
 - ``l2``: squared error, mean over channels;
 - ``cosine``: ``1 - cos(pred, target)`` per token.
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from morphcache.errors import ConfigError
 
-LOSS_KINDS = ("smooth_l1", "cosine", "l2")
+LOSS_KINDS = ("smooth_l1", "l1", "cosine", "l2")
 
 
 def token_regression_loss(
@@ -30,6 +31,8 @@ def token_regression_loss(
             if beta <= 0:
                 raise ConfigError(f"smooth_l1_beta={beta} must be > 0")
             return F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(dim=-1)
+        if kind == "l1":
+            return (p - t).abs().mean(dim=-1)
         if kind == "l2":
             return (p - t).pow(2).mean(dim=-1)
         if kind == "cosine":
