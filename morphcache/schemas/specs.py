@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 2  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None)
+SCHEMA_VERSION = 3  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None); 3: StoreSpec.image_source
 
 #: Column order of the ``views`` array (one float32 row per view).
 VIEW_FIELDS: tuple[str, ...] = (
@@ -192,6 +192,8 @@ class StoreSpec(_Model):
     chunk_images: int = Field(gt=0, description="images per chunk; a chunk holds chunk_images*views_per_image rows")
     dtype: Literal["int8", "float16"] = "int8"
     dataset_root: str = ""
+    image_source: Literal["files", "tar"] = Field(default="files", description="files: images/path are loose files; "
+                                                  "tar: WebDataset tar shard members (images/shard, images/offset, shards/*)")
     dataset_fingerprint: str = Field(default="", description="hash over the manifest (paths, hashes, labels)")
     package_version: str = ""
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
