@@ -171,6 +171,7 @@ def bad_shards(root: Path) -> Path:
     with tarfile.open(full) as tf:
         m = tf.getmember("000005.jpg")
     (d / "00004.tar").write_bytes(full.read_bytes()[:m.offset_data + m.size // 2])  # cut inside its data
+    (d / "00005.tar").write_bytes(full.read_bytes()[:m.offset_data - 512 + 100])  # cut inside its header
     return d
 
 
@@ -189,10 +190,13 @@ def test_bad_shards_are_skipped_with_shard_and_key_and_nothing_else_is_lost(tmp_
         "DUP": STATUS_DUPLICATE_KEY,
         "00002.tar": STATUS_BAD_SHARD, "00003.tar": STATUS_BAD_SHARD,
         "00004.tar/000003.jpg": STATUS_OK, "00004.tar/000004.png": STATUS_OK, "00004.tar/000005.jpg": STATUS_TRUNCATED,
+        "00005.tar/000003.jpg": STATUS_OK, "00005.tar/000004.png": STATUS_OK, "CUT": STATUS_TRUNCATED,
     }
-    dup = [p for p in table.path.tolist() if "@" in p]
+    dup = [p for p in table.path.tolist() if p.startswith("00001.tar/") and "@" in p]
     assert len(dup) == 1 and dup[0].startswith("00001.tar/000002@")
-    expected = {(dup[0] if k == "DUP" else k): v for k, v in expected.items()}
+    cut = [p for p in table.path.tolist() if p.startswith("00005.tar@")]
+    assert len(cut) == 1
+    expected = {{"DUP": dup[0], "CUT": cut[0]}.get(k, k): v for k, v in expected.items()}
     assert table.path.tolist() == list(expected)
 
     out = tmp_path / "skip"

@@ -20,7 +20,8 @@ and no scan (:class:`ShardReader`). Problems found while indexing get a row with
 (``index_status``) that extraction reports like a bad loose file, naming shard and key:
 
 - truncated shard: members whose data runs past the end of the file are ``STATUS_TRUNCATED``; a shard cut inside
-  a header gets one ``STATUS_TRUNCATED`` row named after the shard (samples before the cut are kept);
+  a header or between members (no end-of-archive blocks follow the last member) gets one ``STATUS_TRUNCATED`` row
+  named ``<shard>@<byte offset>`` (samples before the cut are kept);
 - a sample with no image member: ``STATUS_NO_IMAGE``; an image member that is not an image is found by the
   canonical decoder (``STATUS_NOT_IMAGE``);
 - a key seen again in the same shard: the first sample is kept, the later one is ``STATUS_DUPLICATE_KEY``;
@@ -218,8 +219,10 @@ def _scan(path: Path) -> tuple[list[tuple[str, int, int]], str | None, int]:
                 m = tf.next()
             except (tarfile.TarError, OSError) as e:
                 return members, f"{type(e).__name__}: {e}", tf.offset
-            if m is None:
-                return members, None, tf.offset
+            if m is None:  # tarfile also ends quietly at a partial header: the end-of-archive blocks must follow
+                tail = os.pread(tf.fileobj.fileno(), 1024, tf.offset) if hasattr(tf.fileobj, "fileno") else b""
+                ok = len(tail) == 1024 and not any(tail)
+                return members, None if ok else "no end-of-archive blocks after the last member", tf.offset
             if m.isfile():
                 members.append((m.name, m.offset_data, m.size))
 
