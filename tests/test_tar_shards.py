@@ -105,6 +105,10 @@ def test_brace_pattern_folder_and_list_give_the_same_manifest(dataset, tmp_path)
     folder_table, _ = build_manifest(folder)
     assert t.hash.tolist() == folder_table.hash.tolist()  # the member bytes are the file bytes
     assert t.height.tolist() == folder_table.height.tolist() and t.width.tolist() == folder_table.width.tolist()
+    from morphcache.store.image_table import STATUS_MISSING
+
+    gap, _ = build_manifest(f"{shards}/{{00000..00003}}.tar")  # a shard of the range is missing: one row names it
+    assert gap.path.tolist()[-1] == "00003.tar" and gap.index_status[-1] == STATUS_MISSING and len(gap) == 11
     for i in (0, 5, 9):  # (offset, size) address the member's bytes exactly
         with open(shards / t.shards[t.shard[i]], "rb") as f:
             f.seek(int(t.offset[i]))
