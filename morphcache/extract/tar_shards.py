@@ -78,8 +78,8 @@ class TarImageTable(ImageTable):
     - ``index_status``: uint8, 0 or the reason code found while indexing (extraction reports it);
 
     and per shard ``shards`` (path relative to the dataset root, posix) and ``shard_sizes`` (bytes; -1 missing).
-    ``path`` is ``<shard>/<member name>`` (``<shard>/<key>`` for a sample without image, ``<shard>`` for a
-    shard-level problem).
+    ``path`` is ``<shard>/<member name>`` (``<shard>/<key>`` for a sample without image, ``<shard>/<key>@<byte
+    offset>`` for a repeated key, ``<shard>`` or ``<shard>@<byte offset>`` for a shard-level problem).
     """
 
     shard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
