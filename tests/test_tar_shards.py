@@ -238,6 +238,10 @@ def test_member_reads_go_through_the_canonical_bytes_and_hash_check(dataset, tmp
     moved = StoredImages(tmp_path, table)  # shards not at the recorded root
     with pytest.raises(BadImageError, match=r"00000\.tar/000000\.png: missing file"):
         moved.load(0)
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "elsewhere")  # --image-root: the shards moved, offsets still hold
+    assert StoredImages(tmp_path / "elsewhere", table).load(9) == images.load(9)
 
 
 def test_changed_shard_is_refused_with_one_line(dataset, tmp_path, capsys):
@@ -411,3 +415,15 @@ def test_training_reads_views_from_tar_shards(tar_store, tmp_path):
                  "--mask-min-block", "4", "--loss", "l2"]) == 0
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and np.all(np.isfinite(losses))  # 10 images / batch 4 = 2 full steps
+    # the torch fallback loader reads the same bytes
+    from morphcache.train.loader import RenderSpec
+    from morphcache.train.torch_loader import TorchTrainLoader
+
+    t = store.spec.teacher
+    loader = TorchTrainLoader(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1)
+    batch = next(iter(loader))
+    loader.close()
+    assert tuple(batch.images.shape) == (4, 3, 64, 64) and batch.rows.tolist() == sampler.batch_rows(0).tolist()
+    # the report's token maps render the views from the shards too
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--images", "2"]) == 0
+    assert (tmp_path / "report" / "tokens_run.png").is_file()
