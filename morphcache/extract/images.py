@@ -228,11 +228,28 @@ def load_stored_image_bytes(path: str | Path, expected_hash: str, *, verify: boo
     """:func:`load_canonical_bytes` for an image a store was extracted from: a file whose content hash differs
     from ``expected_hash`` (the manifest's; empty skips the check) is refused, since its stored views and
     cached targets no longer describe its pixels. Used by extraction, replay and the training loaders."""
-    data = read_file_bytes(path)
+    return canonicalize_stored_bytes(read_file_bytes(path), path, expected_hash, verify=verify)
+
+
+def canonicalize_stored_bytes(data: bytes, name: str | Path, expected_hash: str, *, verify: bool = True,
+                              what: str = "file") -> tuple[bytes, tuple[int, int]]:
+    """The hash check and canonicalization of :func:`load_stored_image_bytes` for bytes already read (a loose
+    file's, or a tar shard member's read by (shard, offset, size); ``what`` names the source in the message)."""
     if expected_hash and content_hash(data) != expected_hash:
-        raise MorphcacheError(f"{path_to_text(str(path))}: file changed since the store was extracted (content hash differs), so its "
-                              "cached targets no longer match; restore the file or extract into a new --out store")
-    return canonicalize_bytes(data, path, verify=verify)
+        raise MorphcacheError(f"{path_to_text(str(name))}: {what} changed since the store was extracted (content hash differs), so its "
+                              f"cached targets no longer match; restore the {what} or extract into a new --out store")
+    return canonicalize_bytes(data, name, verify=verify)
+
+
+def describe_bytes(data: bytes, name: str | Path) -> tuple[str, int, int]:
+    """(content hash, height, width) of an image's bytes for the manifest; (hash, 0, 0) for an unreadable header
+    (extraction decides the reason later)."""
+    digest = content_hash(data)
+    try:
+        h, w = oriented_size(open_header(data, name))
+    except Exception:  # any header failure: extraction decides the reason later
+        return digest, 0, 0
+    return digest, h, w
 
 
 def decode_rgb(encoded: bytes) -> np.ndarray:

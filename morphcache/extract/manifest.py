@@ -25,7 +25,7 @@ from pathlib import Path
 
 from morphcache.errors import MorphcacheError
 from morphcache.extract.folders import IMAGE_EXTENSIONS, normalize_extensions, walk_image_folder
-from morphcache.extract.images import content_hash, open_header, oriented_size
+from morphcache.extract.images import describe_bytes
 from morphcache.progress import progress_bar
 from morphcache.store.image_table import STATUS_PENDING, ImageTable, path_to_text
 
@@ -103,13 +103,7 @@ def _describe(path: Path) -> tuple[str, int, int]:
         data = path.read_bytes()
     except OSError:
         return "", 0, 0
-    digest = content_hash(data)
-    try:
-        im = open_header(data, path)
-        h, w = oriented_size(im)
-    except Exception:  # any header failure: extraction decides the reason later
-        return digest, 0, 0
-    return digest, h, w
+    return describe_bytes(data, path)
 
 
 def build_manifest(
@@ -118,13 +112,21 @@ def build_manifest(
     extensions=IMAGE_EXTENSIONS,
     workers: int = 4,
     progress: bool | None = None,
+    label_key: str | None = None,
 ) -> tuple[ImageTable, Path]:
-    """The manifest of ``source`` (a folder or a text file list) and the absolute dataset root.
+    """The manifest of ``source`` (a folder, a text file list, or WebDataset tar shards: see
+    :mod:`morphcache.extract.tar_shards`, which ``label_key`` is for) and the absolute dataset root.
 
     ``workers`` threads read and hash files (I/O and hashing release the GIL). ``progress=None`` shows a
     progress bar when at least :data:`PROGRESS_MIN_FILES` files are scanned. Returns ``(table, root)``; every
     row has status ``STATUS_PENDING``.
     """
+    from morphcache.extract.tar_shards import build_tar_manifest, is_tar_source
+
+    if is_tar_source(source):  # WebDataset tar shards (label_key: the .json field holding the label)
+        return build_tar_manifest(source, label_key=label_key, extensions=extensions, workers=workers, progress=progress)
+    if label_key is not None:
+        raise MorphcacheError(f"--label-key {label_key}: only for tar shard input (a .json member per sample)")
     src = Path(source).expanduser()
     if not src.exists():
         raise MorphcacheError(f"{source}: no such folder or image list; pass an image folder or a text file with one path per line")

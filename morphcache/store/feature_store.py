@@ -328,7 +328,7 @@ class FeatureStore:
         from morphcache.store.image_table import ImageTable
 
         size = np.asarray(self.array("images/size")[:]).reshape(-1, 2)
-        return ImageTable(
+        table = ImageTable(
             path=self.image_paths(),
             hash=np.asarray(self.array("images/hash")[:]).astype(object).astype(str),
             height=size[:, 0].astype(np.int32),
@@ -337,6 +337,11 @@ class FeatureStore:
             status=np.asarray(self.array("images/status")[:]).astype(np.uint8),
             class_names=list(self.group.attrs.get("class_names", [])),
         )
+        if self.spec.image_source == "tar":  # a TarImageTable: members read by (shard, offset, size)
+            from morphcache.extract.tar_shards import tar_table_from_store
+
+            return tar_table_from_store(self.group, table)
+        return table
 
     def image_status(self) -> np.ndarray:
         return np.asarray(self.array("images/status")[:]).astype(np.uint8)

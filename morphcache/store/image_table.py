@@ -21,6 +21,9 @@ STATUS_NOT_IMAGE = 4  # no known image format
 STATUS_TOO_LARGE = 5  # more than morphcache.extract.images.MAX_PIXELS pixels
 STATUS_MISSING = 7  # the file does not exist (or cannot be opened)
 STATUS_UNSUPPORTED = 8  # a readable image in a pixel format with no defined RGB mapping (e.g. float TIFF)
+STATUS_NO_IMAGE = 9  # tar shards: a sample (key) with no image member
+STATUS_DUPLICATE_KEY = 10  # tar shards: a key seen again in the same shard (the first sample is kept)
+STATUS_BAD_SHARD = 11  # tar shards: an empty or unreadable shard (one row names it)
 STATUS_PENDING = 255  # not processed yet
 
 #: Reason code -> short human-readable reason (stored codes are stable across versions).
@@ -33,6 +36,9 @@ STATUS_REASONS: dict[int, str] = {
     STATUS_TOO_LARGE: "too many pixels",
     STATUS_MISSING: "missing file",
     STATUS_UNSUPPORTED: "unsupported pixel format",
+    STATUS_NO_IMAGE: "sample has no image",
+    STATUS_DUPLICATE_KEY: "duplicate key in shard",
+    STATUS_BAD_SHARD: "empty or unreadable shard",
     STATUS_PENDING: "not processed yet",
 }
 

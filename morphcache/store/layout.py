@@ -70,6 +70,10 @@ def create_arrays(root, spec: StoreSpec, images, inner_rows: int, compression: s
         img["size"][:] = np.stack([np.asarray(images.height), np.asarray(images.width)], axis=1).astype(np.int32)
         img["label"][:] = np.asarray(images.label, dtype=np.int32)
     root.attrs["class_names"] = [str(c) for c in getattr(images, "class_names", [])]
+    if spec.image_source == "tar":  # tar shard members: (shard, offset, size) per image, path + size per shard
+        from morphcache.extract.tar_shards import create_tar_arrays
+
+        create_tar_arrays(root, images)
 
 
 def check_arrays(path: Path, group, spec: StoreSpec) -> None:
@@ -97,3 +101,7 @@ def check_arrays(path: Path, group, spec: StoreSpec) -> None:
             raise StoreError(f"{path}: array '{name}' has shape {tuple(arr.shape)}, spec requires {shape}; the store is damaged")
         if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
             raise StoreError(f"{path}: array '{name}' has dtype {arr.dtype}, spec requires {dtype}; the store is damaged")
+    if spec.image_source == "tar":
+        from morphcache.extract.tar_shards import check_tar_arrays
+
+        check_tar_arrays(path, group, spec.n_images)

@@ -115,3 +115,71 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if missing:
         raise MorphcacheError(f"{path}: not a resumable morphcache checkpoint (missing {', '.join(missing)})")
     return data
+
+
+def _split_model_state(objective) -> tuple[dict, dict, str]:
+    """(model state, the objective's other state, prefix of the model inside the objective)."""
+    model = objective.model
+    prefix = next(name for name, mod in objective.named_modules() if mod is model)
+    full = objective.state_dict()
+    extras = {k: v for k, v in full.items() if not k.startswith(prefix + ".")}
+    return model.state_dict(), extras, prefix
+
+
+def save_train_state(state, names: list[str]) -> None:
+    """Rank 0 writes ``state`` (a :class:`~morphcache.train.loop.TrainState`) as ``out_dir/names[0]`` and copies
+    the same bytes to the other ``names`` (serialised once, each copy renamed into place)."""
+    import shutil
+
+    if state.rank != 0:
+        return
+    config, spec = state.config, state.spec
+    model_state, extras, _ = _split_model_state(state.objective)
+    micro = state.step * config.accum_steps
+    payload = {
+        "model": model_state, "config": config.model_dump(mode="json"), "target_dim": state.target_dim,
+        "img_size": state.side, "mean": list(spec.teacher.mean), "std": list(spec.teacher.std),
+        "objective": extras, "optimizer": state.optimizer.state_dict(), "schedule": state.schedule.state_dict(),
+        "generators": generator_states(state.objective), "step": state.step, "micro_step": micro,
+        "epoch": state.sampler.position(micro)[0], "sampler": state.sampler.state_dict(),
+        "store_spec": spec.identity(),
+    }
+    first = save_checkpoint(state.out_dir / names[0], payload)
+    for name in names[1:]:
+        tmp = state.out_dir / (name + ".tmp")
+        shutil.copyfile(first, tmp)
+        os.replace(tmp, state.out_dir / name)
+
+
+def restore_train_state(state, path: str | os.PathLike) -> dict:
+    """Load the checkpoint at ``path`` into ``state`` (model, objective extras, optimiser, schedule, generators,
+    step) after checking it belongs to this run; returns it (the caller restores its ``rng`` right before the first
+    step, after everything that draws random numbers while being built).
+
+    Raises:
+        MorphcacheError: not a resumable checkpoint.
+        ConfigError: another row order (world size, store), another store, or another objective.
+    """
+    from morphcache.errors import ConfigError
+    from morphcache.train import guards
+
+    out_dir = Path(path).parent
+    ckpt = load_checkpoint(path)
+    config, objective = state.config, state.objective
+    if ckpt.get("sampler") != state.sampler.state_dict():
+        raise ConfigError(f"{out_dir}: the checkpoint's row order {ckpt.get('sampler')} differs from this run's "
+                          f"{state.sampler.state_dict()} (world size or store changed); resume with the same setup")
+    if ckpt.get("store_spec") != state.spec.identity():
+        raise ConfigError(f"{out_dir}: the checkpoint was trained on another store; pass --store {config.store} "
+                          "as it was made")
+    guards.check_target_width(state.spec, ckpt["target_dim"], f"checkpoint {path}")
+    objective.model.load_state_dict(ckpt["model"])
+    missing, unexpected = objective.load_state_dict(ckpt["objective"], strict=False)
+    prefix = _split_model_state(objective)[2]
+    if unexpected or any(not k.startswith(prefix + ".") for k in missing):
+        raise ConfigError(f"{out_dir}: checkpoint objective state does not fit '{config.objective}'")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.schedule.load_state_dict(ckpt["schedule"])
+    set_generator_states(objective, ckpt["generators"])
+    state.step = int(ckpt["step"])
+    return ckpt

@@ -21,7 +21,6 @@ Per micro-batch ``g`` (a global index; see :mod:`morphcache.train.sampler`):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -79,33 +78,29 @@ class ViewSource:
         self.start_sample = int(start_step) * sampler.batch_size
         self.lut_size = lut_size  # set: both views follow LUT's recipe at this student side instead of stored rows
         self._views: np.ndarray | None = None
-        self._paths: np.ndarray | None = None
-        self._hashes: np.ndarray | None = None
+        self._images = None  # StoredImages, opened lazily in the reading process
         self._sizes: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_views"] = state["_paths"] = state["_hashes"] = state["_sizes"] = None
+        state["_views"] = state["_images"] = state["_sizes"] = None
         return state
 
     def _open(self) -> None:
+        from morphcache.extract.stored_images import StoredImages
         from morphcache.store.feature_store import FeatureStore
 
         store = FeatureStore.open(self.store_path)
-        root = self.image_root if self.image_root is not None else store.spec.dataset_root
         self._views = np.asarray(store.array("views")[:], dtype=np.float32)  # (R, P)
-        self._paths = np.array([os.path.join(root, p) for p in store.image_paths()], dtype=object)
-        self._hashes = np.asarray(store.array("images/hash")[:]).astype(object).astype(str)
+        self._images = StoredImages.from_store(store, self.image_root)
         self._sizes = np.asarray(store.array("images/size")[:], dtype=np.int64)  # (N, 2) source height, width
 
     def image_bytes(self, row: int) -> np.ndarray:
-        """Canonical encoded bytes of ``row``'s image; a file edited since extraction is refused (one blake2b)."""
-        from morphcache.extract.images import load_stored_image_bytes
-
-        if self._paths is None:
+        """Canonical encoded bytes of ``row``'s image (loose file or tar member read by (shard, offset)); bytes
+        changed since extraction are refused (one blake2b)."""
+        if self._images is None:
             self._open()
-        i = row // self.sampler.views_per_image
-        data, _ = load_stored_image_bytes(self._paths[i], self._hashes[i], verify=False)
+        data, _ = self._images.load(row // self.sampler.views_per_image, verify=False)
         return np.frombuffer(data, dtype=np.uint8)
 
     def sample(self, global_sample: int) -> tuple[np.ndarray, ...]:

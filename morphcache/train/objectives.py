@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from morphcache import registries
 from morphcache.errors import ConfigError
 from morphcache.train.losses.dtm_loss import DTMLoss, standardize_tokens
 from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
@@ -44,9 +45,21 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder
 
 
 class Objective(nn.Module):
-    """Base class: ``model`` (has ``.backbone``), ``forward(batch) -> (loss, metrics)``, ``after_step``."""
+    """Base class: ``model`` (has ``.backbone``), ``forward(batch) -> (loss, metrics)``, ``after_step``.
+
+    An objective says what it needs from the training loop, so the loop never tests objective names:
+    ``needs_targets`` (the batch carries ``targets (B, T, D)``: cached, or from ``--teacher-online``),
+    ``needs_block_mask`` (the loop draws ``mask (B, T)`` with :attr:`masker` from a generator seeded by (seed,
+    micro-batch, rank)), ``needs_second_view`` (``images2``: a second view of each image), and :meth:`after_step`
+    (e.g. an EMA teacher update). New objectives register a factory ``(config, student, target_dim) ->
+    Objective`` with ``@morphcache.registries.objectives.register(NAME)``.
+    """
 
     name: str = ""
+    needs_targets: bool = False
+    needs_block_mask: bool = False
+    needs_second_view: bool = False
+    masker = None  # a BlockMaskGenerator when needs_block_mask
 
     def __init__(self, model: nn.Module | None, seed: int) -> None:
         super().__init__()
@@ -97,6 +110,9 @@ def _check_targets(targets: torch.Tensor, num_tokens: int, target_dim: int, name
 class DistillObjective(Objective):
     """dtm / tokenwise: block-masked student predicts the cached target tokens at all T positions."""
 
+    needs_targets = True
+    needs_block_mask = True
+
     def __init__(self, name: str, config, student: MIMStudent, target_dim: int) -> None:
         super().__init__(student, config.seed)
         self.name = name
@@ -130,6 +146,7 @@ class MAEObjective(Objective):
     def __init__(self, name: str, config, model: MAEModel, target_dim: int | None) -> None:
         super().__init__(model, config.seed)
         self.name = name
+        self.needs_targets = target_dim is not None  # mae+dtm distils the cached targets too
         self.target_dim = target_dim
         self.mae_weight = config.mae_weight
         self.target_norm = config.target_norm
@@ -153,6 +170,7 @@ class LUTObjective(Objective):
     """lut: MAE + BYOL loss on unmasked tokens against an EMA teacher (see :mod:`morphcache.train.lut`)."""
 
     name = "lut"
+    needs_second_view = True
 
     def __init__(self, config, learner: LUTLearner) -> None:
         super().__init__(None, config.seed)
@@ -179,15 +197,17 @@ def _backbone_of(student: nn.Module) -> nn.Module:
 
 
 def build_objective(name: str, config, student: nn.Module, target_dim: int, grid: tuple[int, int]) -> Objective:
-    """The objective ``name`` around ``student`` (a :class:`MIMStudent`; MAE objectives reuse its backbone, or
-    take an :class:`MAEModel` directly).
+    """The objective ``name`` (a registered factory, :data:`OBJECTIVES` built in) around ``student`` (a
+    :class:`MIMStudent`; MAE objectives reuse its backbone, or take an :class:`MAEModel` directly).
 
     ``grid`` is the store's token grid and must equal the student's. MAE / LUT sizes come from ``config``:
     ``decoder_dim`` / ``decoder_depth`` / ``decoder_heads`` (naver-ai/lut: 512, 8, 16), ``mask_ratio`` (0.75),
     ``norm_pix``, ``proj_hidden`` (4096) and ``proj_dim`` (None = the student's width).
+
+    Raises:
+        ConfigError: an unregistered name, a student whose grid or head width does not fit.
     """
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}")
+    factory = registries.lookup(registries.objectives, name)
     backbone = _backbone_of(student)
     student_grid = tuple(int(g) for g in backbone.patch_embed.grid_size)
     if tuple(grid) != student_grid:
@@ -195,27 +215,56 @@ def build_objective(name: str, config, student: nn.Module, target_dim: int, grid
             f"student '{config.model}' has a {student_grid} token grid but the targets have {tuple(grid)}; "
             "change the student img_size or patch size"
         )
-    if name in ("dtm", "tokenwise"):
-        if not isinstance(student, MIMStudent):
-            raise ConfigError(f"objective '{name}' needs a MIMStudent (create_student), got {type(student).__name__}")
-        if student.target_dim != target_dim:
-            raise ConfigError(f"student head width {student.target_dim} != target width {target_dim}")
-        return DistillObjective(name, config, student, target_dim)
-    head_dim = target_dim if name == "mae+dtm" else None
+    objective = factory(config, student, target_dim)
+    if not isinstance(objective, Objective):
+        raise ConfigError(f"objective {name!r} built {type(objective).__name__}, not an Objective")
+    return objective
+
+
+def _distill(name: str, config, student: nn.Module, target_dim: int) -> Objective:
+    if not isinstance(student, MIMStudent):
+        raise ConfigError(f"objective '{name}' needs a MIMStudent (create_student), got {type(student).__name__}")
+    if student.target_dim != target_dim:
+        raise ConfigError(f"student head width {student.target_dim} != target width {target_dim}")
+    return DistillObjective(name, config, student, target_dim)
+
+
+def _mae_model(config, student: nn.Module, head_dim: int | None) -> MAEModel:
     if isinstance(student, MAEModel) and (student.target_head is not None) == (head_dim is not None):
-        model = student
-    else:
-        model = MAEModel(backbone, decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
-                         decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio, norm_pix=config.norm_pix,
-                         target_dim=head_dim)
-    if name == "lut":
-        learner = LUTLearner(
-            model,
-            proj_hidden=config.proj_hidden,
-            proj_dim=config.proj_dim,
-            mae_weight=config.mae_weight,
-            unmasked_weight=config.unmasked_weight,
-            momentum=tuple(config.ema_momentum),
-        )
-        return LUTObjective(config, learner)
-    return MAEObjective(name, config, model, head_dim)
+        return student
+    return MAEModel(_backbone_of(student), decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
+                    decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio, norm_pix=config.norm_pix,
+                    target_dim=head_dim)
+
+
+@registries.objectives.register("dtm")
+def _build_dtm(config, student, target_dim) -> Objective:
+    """Dynamic Token Morphing (Kim et al., ICLR 2025; naver-ai/dtm) on block-masked predictions."""
+    return _distill("dtm", config, student, target_dim)
+
+
+@registries.objectives.register("tokenwise")
+def _build_tokenwise(config, student, target_dim) -> Objective:
+    """Token-wise distillation of the cached targets (DTM with no merges)."""
+    return _distill("tokenwise", config, student, target_dim)
+
+
+@registries.objectives.register("mae")
+def _build_mae(config, student, target_dim) -> Objective:
+    """MAE (He et al., CVPR 2022): random masking, normalised-pixel reconstruction."""
+    return MAEObjective("mae", config, _mae_model(config, student, None), None)
+
+
+@registries.objectives.register("mae+dtm")
+def _build_mae_dtm(config, student, target_dim) -> Objective:
+    """MAE plus DTM on decoder-predicted targets."""
+    return MAEObjective("mae+dtm", config, _mae_model(config, student, target_dim), target_dim)
+
+
+@registries.objectives.register("lut")
+def _build_lut(config, student, target_dim) -> Objective:
+    """LUT (Kim et al., ECCV 2024; naver-ai/lut): MAE + a BYOL loss on unmasked tokens against an EMA teacher."""
+    learner = LUTLearner(_mae_model(config, student, None), proj_hidden=config.proj_hidden, proj_dim=config.proj_dim,
+                         mae_weight=config.mae_weight, unmasked_weight=config.unmasked_weight,
+                         momentum=tuple(config.ema_momentum))
+    return LUTObjective(config, learner)

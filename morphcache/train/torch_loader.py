@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from morphcache import registries
 from morphcache.errors import reraise_from_worker
 from morphcache.train.loader import Batch, RenderSpec, ViewSource
 from morphcache.train.sampler import EpochSampler
@@ -110,14 +111,27 @@ class TorchTrainLoader:
         self._loader = None
 
 
+@registries.loaders.register("torch")
+def _torch_loader(store, sampler: EpochSampler, render: RenderSpec, **kwargs) -> "TorchTrainLoader":
+    """The PIL-rendered torch DataLoader (no DALI needed; pixels within the measured tolerance of DALI's)."""
+    return TorchTrainLoader(store, sampler, render, **kwargs)
+
+
+@registries.loaders.register("dali")
+def _dali_loader(store, sampler: EpochSampler, render: RenderSpec, **kwargs):
+    """The DALI pipeline loader (the renderer extraction used)."""
+    from morphcache.train.loader import DaliTrainLoader
+
+    return DaliTrainLoader(store, sampler, render, **kwargs)
+
+
 def make_loader(kind: str, store, sampler: EpochSampler, render: RenderSpec, **kwargs):
-    """``kind`` ``"dali"`` -> :class:`~morphcache.train.loader.DaliTrainLoader`, ``"torch"`` -> :class:`TorchTrainLoader`."""
-    if kind == "dali":
-        from morphcache.train.loader import DaliTrainLoader
+    """The registered training loader ``kind`` (``dali``, ``torch``, or one a plug-in registered with
+    ``@morphcache.registries.loaders.register``). Every loader takes ``(store, sampler, render, start_step=,
+    workers=, read_targets=, image_root=, target_device=)`` and is iterable over
+    :class:`~morphcache.train.loader.Batch` with ``close()``.
 
-        return DaliTrainLoader(store, sampler, render, **kwargs)
-    if kind == "torch":
-        return TorchTrainLoader(store, sampler, render, **kwargs)
-    from morphcache.errors import ConfigError
-
-    raise ConfigError(f"unknown loader {kind!r}; use 'dali' or 'torch'")
+    Raises:
+        ConfigError: no loader is registered under ``kind``.
+    """
+    return registries.lookup(registries.loaders, kind)(store, sampler, render, **kwargs)
