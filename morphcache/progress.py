@@ -145,3 +145,21 @@ def progress_bar(
     with progress:
         task_id = progress.add_task(description, total=total, completed=initial, info="")
         yield ProgressBar(progress, task_id, total, description, unit, log_every, plain=not live, clock=clock)
+
+
+def map_with_progress(fn, items, workers: int, show: bool, description: str, unit: str) -> list:
+    """``[fn(x) for x in items]`` in order, on a pool of ``workers`` threads (for I/O-bound work such as hashing
+    files), with a progress bar of ``len(items)`` when ``show``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(fn, items)
+        if not show:
+            return list(results)
+        out = []
+        with progress_bar(total=len(items), description=description, unit=unit) as bar:
+            for r in results:
+                out.append(r)
+                bar.advance(1)
+        return out

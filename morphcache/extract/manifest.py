@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from morphcache.errors import MorphcacheError
 from morphcache.extract.folders import IMAGE_EXTENSIONS, normalize_extensions, walk_image_folder
 from morphcache.extract.images import describe_bytes
-from morphcache.progress import progress_bar
+from morphcache.progress import map_with_progress
 from morphcache.store.image_table import STATUS_PENDING, ImageTable, path_to_text
 
 #: Show a progress bar when at least this many files are scanned (``progress=None``).
@@ -149,16 +148,7 @@ def build_manifest(
             raise MorphcacheError(f"{source}: none of the {len(paths)} listed files exist (relative paths are resolved against {root})")
 
     show = len(paths) >= PROGRESS_MIN_FILES if progress is None else progress
-    rows: list[tuple[str, int, int]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(_describe, (root / p for p in paths))
-        if show:
-            with progress_bar(total=len(paths), description="manifest", unit="files") as bar:
-                for r in results:
-                    rows.append(r)
-                    bar.advance(1)
-        else:
-            rows = list(results)
+    rows = map_with_progress(_describe, (root / p for p in paths), workers, show, "manifest", "files")
 
     table = ImageTable(
         path=paths,

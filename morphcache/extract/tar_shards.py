@@ -39,7 +39,6 @@ import os
 import tarfile
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,23 +328,15 @@ def build_tar_manifest(source: str | os.PathLike, *, label_key: str | None = Non
     Every row has status ``STATUS_PENDING``. Raises :class:`MorphcacheError` when no shard exists or no sample
     is found in any shard.
     """
-    from morphcache.extract.folders import IMAGE_EXTENSIONS
-    from morphcache.progress import progress_bar
+    from morphcache.extract.folders import IMAGE_EXTENSIONS, normalize_extensions
+    from morphcache.progress import map_with_progress
 
-    exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in (extensions or IMAGE_EXTENSIONS))
+    exts = normalize_extensions(extensions or IMAGE_EXTENSIONS)
     shards, root = expand_shards(source)
     rels = [Path(os.path.relpath(p, root)).as_posix() for p in shards]
     show = len(shards) >= PROGRESS_MIN_SHARDS if progress is None else progress
-    results: list[tuple[int, list[_Row]]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        it = pool.map(lambda a: index_shard(a[0], a[1], label_key, exts), zip(shards, rels))
-        if show:
-            with progress_bar(total=len(shards), description="index shards", unit="shards") as bar:
-                for r in it:
-                    results.append(r)
-                    bar.advance(1)
-        else:
-            results = list(it)
+    results = map_with_progress(lambda a: index_shard(a[0], a[1], label_key, exts), zip(shards, rels), workers, show,
+                                "index shards", "shards")
     rows = [(s, row) for s, (_, rs) in enumerate(results) for row in rs]
     if not any(row.index_status == 0 for _, row in rows):
         raise MorphcacheError(f"{source}: no image samples found in {len(shards)} tar shard(s); WebDataset samples are "
