@@ -278,6 +278,17 @@ class RunConfig(_Model):
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = end only")
     allow_partial: bool = False
     max_steps: int | None = None
+    views_used: int | None = Field(
+        default=None, ge=1,
+        description="train on the first views_used stored views of each image (a V-view store serves every smaller "
+        "V); None = all views",
+    )
+    view_order: Literal["random", "epoch"] = Field(
+        default="random",
+        description="random: each epoch picks one of the used views per image at random; epoch: epoch e reads view "
+        "e mod views_used (a view the run has not seen while epochs <= views_used; with teacher_online, a live "
+        "teacher on a fresh view every epoch)",
+    )
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:

@@ -49,6 +49,8 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="steps between checkpoints; 0 = end only")] = 0,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="train on the finished chunks of an incomplete store")] = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="stop after this many optimizer steps (schedule unchanged)")] = None,
+    views_used: Annotated[Optional[int], typer.Option("--views-used", help="train on the first N stored views of each image (default: all)")] = None,
+    view_order: Annotated[str, typer.Option("--view-order", help="random (a random used view per image per epoch) | epoch (view e mod N in epoch e)")] = "random",
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="student input side; default grid x patch")] = None,
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="where the store's images live now (default: as recorded)")] = None,
@@ -75,7 +77,7 @@ def train_command(
             smooth_l1_beta=smooth_l1_beta, target_norm=target_norm, mae_weight=mae_weight, unmasked_weight=unmasked_weight,
             ema_momentum=tuple(ema_momentum), teacher_online=teacher_online, loader=loader, workers=workers,
             precision=precision, seed=seed, checkpoint_every=checkpoint_every, allow_partial=allow_partial,
-            max_steps=max_steps,
+            max_steps=max_steps, views_used=views_used, view_order=view_order,
         )
     except ValidationError as exc:
         err = exc.errors()[0]

@@ -108,8 +108,13 @@ def _mean_metrics(items: list[dict]) -> dict:
 
 def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, img_size: int | None = None,
                  image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
-                 teacher_weights: str | None = None) -> dict:
-    """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``)."""
+                 teacher_weights: str | None = None, target_transform=None) -> dict:
+    """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``).
+
+    ``target_transform``: optional ``(targets (B, T, D) float32, rows (B,) int64) -> targets`` applied to every
+    micro-batch's targets after they are read (or computed by the online teacher); for controlled studies such as
+    :class:`morphcache.study.noise.TokenNoise`, never set by the ``train`` command.
+    """
     from morphcache.progress import progress_bar
     from morphcache.store.feature_store import FeatureStore
     from morphcache.train.masking import block_mask_generator_from_config
@@ -139,7 +144,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=config.base_lr, betas=(0.9, 0.999))
 
     sampler = EpochSampler(store.ok_rows(), spec.views_per_image, config.batch_size, config.seed, rank, world,
-                           second_view=config.objective == "lut")
+                           second_view=config.objective == "lut", views_used=config.views_used,
+                           view_order=config.view_order)
     steps_per_epoch = sampler.steps_per_epoch // config.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"an epoch has {sampler.steps_per_epoch} micro-batches, fewer than accum_steps "
@@ -235,6 +241,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
                     batch = next(it)
                     if teacher is not None:
                         teacher.fill_targets(batch)
+                    if target_transform is not None and batch.targets is not None:
+                        batch.targets = target_transform(batch.targets, batch.rows)
                     data_s += time.perf_counter() - td
                     inputs = {"images": batch.images.to(device, non_blocking=True)}
                     if batch.targets is not None:
