@@ -260,6 +260,16 @@ class RunConfig(_Model):
     )
     dtm_max_iters: int = Field(default=14, ge=1, description="K: k iterations sampled in [1, K]")
     dtm_cases: int = Field(default=2, ge=1, description="L morphing cases per step")
+    dtm_merge_rule: Literal["released", "exact"] = Field(
+        default="released",
+        description="tokens merged per iteration: released = ceil(n/k) in each of the k iterations (floor when "
+        "ceil(n/k)*k > N), capped at half the tokens, as naver-ai/dtm; exact = exactly n in total",
+    )
+    dtm_protect_top_left: bool = Field(
+        default=False,
+        description="never merge the first (top-left) patch, as naver-ai/dtm does by treating it as a class token; "
+        "default False follows the paper's Algorithm 1",
+    )
     loss: Literal["smooth_l1", "cosine", "l2"] = "smooth_l1"
     target_norm: Literal["layernorm", "none"] = Field(
         default="none",

@@ -1,17 +1,32 @@
 """Dynamic Token Morphing (Kim, Heo, Han, ICLR 2025, Algorithm 1): batched bipartite matching on target tokens.
 
-One morphing case merges ``n`` of the T target tokens in ``k`` iterations. Iteration i merges
-``r_i = min(ceil(n / k), n - merged so far, M // 2)`` tokens, M being the current token count (so exactly n are
-merged unless the half-of-the-tokens cap binds first, see :func:`merge_schedule`). Each iteration:
+One morphing case merges about ``n`` of the T target tokens in ``k`` iterations. How many tokens each iteration
+merges is the *merge schedule* (:func:`merge_schedule`), passed to :func:`dtm_membership` explicitly:
+
+- ``rule="released"`` (default), as naver-ai/dtm ``engines/engine_for_dtm.py`` does: every one of the k
+  iterations asks for the same ``r = ceil(n / k)`` (``floor(n / k)`` when ``ceil(n / k) * k`` exceeds the merge
+  budget N, the top of the range n is drawn from), and ToMe (``bm/merge.py``) caps each at half of the current
+  tokens. So ``n < k`` merges k tokens and n = 100, k = 14 merges 112 (at 196 tokens).
+- ``rule="exact"``: ``r_i = min(ceil(n / k), n - merged so far, half the current tokens)``, so exactly n are
+  merged unless the cap binds first.
+
+``protect_top_left=True`` reproduces the release exactly: its ToMe call passes ``class_token=True`` although the
+CLIP targets are patch tokens only, so the first (top-left) patch is never merged, and the per-iteration cap is
+``(M - 1) // 2`` instead of ``M // 2`` (M = current tokens). The default (False) follows the paper's Algorithm 1,
+in which every patch can merge.
+
+Each iteration:
 
 1. split the current tokens by position into A (even) and B (odd), as the released code does;
-2. match every token of A to its most similar token of B (cosine similarity, computed in float32);
-3. keep the ``r_i`` pairs with the highest similarity (stable sort: ties go to the lower A position);
+2. match every token of A to its most similar token of B (cosine similarity, computed in float32, or float64 for
+   float64 input);
+3. keep the ``r_i`` pairs with the highest similarity (stable sort: ties go to the lower A position; with
+   ``protect_top_left`` the first A token never is one);
 4. merge each kept A token into its B partner; a merged token is the size-weighted mean of the original targets
    it holds (tracked as the sum of those targets, which has the same direction, so cosine similarity is unchanged).
 
-The new sequence is ``[unmatched A tokens in their current order] + [B tokens]`` (ToMe's concatenation; ToMe
-orders the unmatched A tokens by score instead, we keep them in order so ties cannot reshuffle positions).
+The new sequence is ``[unmatched A tokens in their current order] + [B tokens]`` (ToMe's concatenation; the
+release keeps the unmatched A tokens in order because of ``class_token=True``, and so do we).
 The result is ``groups (B, T) long``: the index, in ``[0, G)`` with ``G = T - merged``, of the merged token each
 original token ends up in. It is the membership matrix S of the paper in index form (:func:`membership_matrix`).
 
@@ -23,23 +38,57 @@ positions, as the released code does, so every group weighs in proportion to its
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 from morphcache.errors import ConfigError
 
+#: Per-iteration merge counts: ``released`` (naver-ai/dtm) or ``exact`` (exactly n).
+MERGE_RULES = ("released", "exact")
 
-def merge_schedule(num_tokens: int, n_merge: int, n_iters: int) -> list[int]:
-    """Tokens merged per iteration: ``ceil(n/k)`` each, capped by what is left of n and by half the tokens."""
+
+def iteration_cap(num_tokens: int, protect_top_left: bool) -> int:
+    """Most tokens one bipartite iteration may merge at ``num_tokens`` current tokens (ToMe's half, less the
+    protected token)."""
+    return max(num_tokens - int(protect_top_left), 0) // 2
+
+
+def merge_schedule(
+    num_tokens: int,
+    n_merge: int,
+    n_iters: int,
+    rule: str = "released",
+    budget: int | None = None,
+    protect_top_left: bool = False,
+) -> list[int]:
+    """Tokens merged in each iteration (iterations that would merge none are dropped).
+
+    Args:
+        num_tokens: T, tokens before merging.
+        n_merge: n, tokens the case asks to merge (>= 0).
+        n_iters: k, bipartite iterations (>= 1).
+        rule: ``released`` or ``exact`` (module docstring).
+        budget: N, the merge budget of the ``released`` rule (default ``num_tokens``): r = floor(n / k) when
+            ceil(n / k) * k > N.
+        protect_top_left: the first token never merges, so each iteration merges at most ``(M - 1) // 2``.
+    Raises: ConfigError for k < 1, n < 0 or an unknown rule.
+    """
     if n_iters < 1:
         raise ConfigError(f"DTM n_iters={n_iters} must be >= 1")
     if n_merge < 0:
         raise ConfigError(f"DTM n_merge={n_merge} must be >= 0")
-    per_iter = math.ceil(n_merge / n_iters) if n_merge else 0
+    if rule not in MERGE_RULES:
+        raise ConfigError(f"DTM merge rule '{rule}' is unknown; use one of {', '.join(MERGE_RULES)}")
+    per_iter = math.ceil(n_merge / n_iters)
+    if rule == "released" and per_iter * n_iters > (num_tokens if budget is None else budget):
+        per_iter = n_merge // n_iters
     out: list[int] = []
     current, left = num_tokens, n_merge
     for _ in range(n_iters):
-        r = min(per_iter, left, current // 2)
+        r = min(per_iter, iteration_cap(current, protect_top_left))
+        if rule == "exact":
+            r = min(r, left)
         if r <= 0:
             break
         out.append(r)
@@ -70,25 +119,37 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch
 
 
 @torch.no_grad()
-def dtm_membership(targets: torch.Tensor, n_merge: int, n_iters: int) -> torch.Tensor:
-    """Group index of every token after merging ``n_merge`` tokens in ``n_iters`` bipartite iterations.
+def dtm_membership(targets: torch.Tensor, schedule: Sequence[int], protect_top_left: bool = False) -> torch.Tensor:
+    """Group index of every token after bipartite iterations merging ``schedule[i]`` tokens each.
 
     Args:
-        targets: (B, T, D) target tokens (any float dtype; matching runs in float32).
-    Returns: (B, T) long in [0, G), G = T - sum(merge_schedule(T, n_merge, n_iters)); every id in [0, G) is used.
+        targets: (B, T, D) target tokens (any float dtype; matching runs in float32, float64 for float64 input).
+        schedule: tokens merged per iteration, e.g. ``merge_schedule(T, n, k)``; each entry in
+            ``[1, iteration_cap(M, protect_top_left)]`` at the current token count M.
+        protect_top_left: never merge token 0 (the released code's behaviour, see the module docstring).
+    Returns: (B, T) long in [0, G), G = T - sum(schedule); every id in [0, G) is used. With ``protect_top_left``
+    token 0 is alone in group 0.
+    Raises: ConfigError for a target that is not (B, T, D) or a schedule entry outside its range.
     """
     if targets.dim() != 3:
         raise ConfigError(f"DTM targets must be (B, T, D), got shape {tuple(targets.shape)}")
     b, t, _ = targets.shape
     device = targets.device
     groups = torch.arange(t, device=device).expand(b, t).clone()
-    schedule = merge_schedule(t, n_merge, n_iters)
+    m = t
+    for i, r in enumerate(schedule):
+        cap = iteration_cap(m, protect_top_left)
+        if not 1 <= r <= cap:
+            raise ConfigError(f"DTM schedule {list(schedule)}: iteration {i} merges {r} of {m} tokens; "
+                              f"each iteration merges 1..{cap} here")
+        m -= r
     if not schedule:
         return groups
+    dtype = torch.promote_types(targets.dtype, torch.float32)
     with torch.autocast(device_type=device.type, enabled=False):
         # Cosine similarity is scale-invariant, so a merged token is represented by the *sum* of its original
         # targets (= size-weighted mean times size); sums are updated in place of means, ToMe-style.
-        sums = targets.float()
+        sums = targets.to(dtype)
         m = t
         for r in schedule:
             na, nb = (m + 1) // 2, m // 2
@@ -96,6 +157,8 @@ def dtm_membership(targets: torch.Tensor, n_merge: int, n_iters: int) -> torch.T
             norms = sums.norm(dim=-1).clamp_min(1e-12)
             sim = (a @ bb.transpose(1, 2)) / (norms[:, 0::2, None] * norms[:, None, 1::2])  # (B, na, nb)
             best, best_b = sim.max(dim=-1)  # (B, na)
+            if protect_top_left:
+                best[:, 0] = -math.inf  # sorted last, and r <= na - 1, so never merged; stays at position 0
             order = torch.sort(best, dim=-1, descending=True, stable=True).indices
             src = order[:, :r]  # A positions merged away, (B, r)
             unmatched = order[:, r:].sort(dim=-1).values  # (B, na - r), kept in current order
