@@ -32,7 +32,7 @@ class StudySizes:
 
     images: int = 2000  # pretraining images
     views: int = 8  # views per image in the store (serves V = 1, 2, 4, ..., views)
-    epochs: int = 4  # student epochs (one view per image per epoch); <= views for the live teacher
+    epochs: int = 6  # student epochs (one view per image per epoch); <= views for the live teacher
     batch_size: int = 32
     q1_seeds: int = 2
     q2_seeds: int = 3

@@ -21,7 +21,9 @@ and linear probe on one pass of frozen features) on the full test split, fit on 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,7 @@ class StudyRunner:
         transform = self.noise() if run.setting.noise else None
         self.log(f"study: training {run.run_id}")
         t0 = time.perf_counter()
+        load_before = os.getloadavg()
         summary = run_training(config, run_dir, img_size=STUDENT_SIZE, tensorboard=False, show_progress=False,
                                target_transform=transform)
         train_total_s = time.perf_counter() - t0
@@ -205,6 +208,7 @@ class StudyRunner:
             "run_id": run.run_id, "setting": run.setting.to_dict(), "seed": run.seed,
             "config": config.model_dump(mode="json"), "train": summary,
             "train_total_seconds": train_total_s, "eval_seconds": time.perf_counter() - t1,
+            "loadavg_before_training": load_before, "loadavg_after_eval": os.getloadavg(),
             "knn_top1": rows["knn"]["metrics"]["top1"], "linear_top1": rows["linear"]["metrics"]["top1"],
             "eval": rows,
         }
@@ -231,7 +235,9 @@ class StudyRunner:
 
         self.out.mkdir(parents=True, exist_ok=True)
         data = self.data()
-        _write_json(self.out / "study.json", {**self.describe(data), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _write_json(self.out / "study.json", {**self.describe(data), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                              "argv": sys.argv, "cpu_count": os.cpu_count(),
+                                              "loadavg_at_start": os.getloadavg()})
         self.ensure_store("int8", data)
         summary = {}
         for i, run in enumerate(self.plan.runs, 1):
