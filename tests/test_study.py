@@ -153,6 +153,7 @@ def test_study_run_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert runs == ["dtm-v2-int8-noise-s0", "tokenwise-v2-int8-noise-s0"]
     result = json.loads((out / "runs" / runs[0] / "result.json").read_text())
     assert result["train"]["steps"] == 2 and result["config"]["objective"] == "dtm"
+    assert result["train_cpu_seconds"] > 0 and json.loads((out / "stores" / "int8.json").read_text())["cpu_seconds"] > 0
     assert result["eval"]["knn"]["config"]["n_test"] == 40 and 0.0 <= result["knn_top1"] <= 100.0
     noise = json.loads((out / "noise.json").read_text())
     assert noise["noisy_cosine"] == pytest.approx(0.5, abs=0.01) and noise["sigma"] > 0

@@ -51,6 +51,9 @@ def summarize(out: str | Path) -> dict:
             for m in METRICS:
                 entry[m] = describe([seeds[s][m] for s in sorted(seeds)])
             entry["train_seconds"] = describe([seeds[s]["train"]["wall_seconds"] for s in sorted(seeds)])
+            cpu = [seeds[s].get("train_cpu_seconds") for s in sorted(seeds)]
+            if all(c is not None for c in cpu):
+                entry["train_cpu_seconds"] = describe(cpu)
             entry["steps"] = max(seeds[s]["train"]["final_step"] for s in seeds)
         settings[key] = entry
     comparisons = []
@@ -93,6 +96,13 @@ def _q1(study: dict, settings: dict, comparisons: list[dict], stores: dict) -> d
         if "train_seconds" in live:
             row["live_over_cache_training"] = live["train_seconds"]["mean"] / s["train_seconds"]["mean"]
             row["live_over_cache_total"] = live["train_seconds"]["mean"] / total
+        cpu_view = stores.get("int8", {}).get("cpu_seconds_per_view")
+        if "train_cpu_seconds" in s and cpu_view is not None:
+            row["train_cpu_seconds"] = s["train_cpu_seconds"]["mean"]
+            row["extract_cpu_seconds"] = cpu_view * n_images * V
+            row["total_cpu_seconds"] = row["train_cpu_seconds"] + row["extract_cpu_seconds"]
+            if "train_cpu_seconds" in live:
+                row["live_over_cache_cpu_total"] = live["train_cpu_seconds"]["mean"] / row["total_cpu_seconds"]
         cmp = next((c for c in comparisons if c["question"] == "q1" and c["a"] == key), None)
         if cmp is not None and all(m in cmp for m in METRICS):
             # within noise: every protocol's paired interval reaches 0 or lies above it
@@ -100,7 +110,8 @@ def _q1(study: dict, settings: dict, comparisons: list[dict], stores: dict) -> d
                                               for m in METRICS)
         rows.append(row)
     within = [r["views"] for r in rows if r.get("within_noise_of_live")]
-    return {"live": live_key, "live_train_seconds": live.get("train_seconds", {}).get("mean"), "caches": rows,
+    return {"live": live_key, "live_train_seconds": live.get("train_seconds", {}).get("mean"),
+            "live_train_cpu_seconds": live.get("train_cpu_seconds", {}).get("mean"), "caches": rows,
             "smallest_views_within_noise": min(within) if within else None}
 
 
@@ -129,13 +140,17 @@ def tables_markdown(summary: dict) -> str:
                      f"{k['excludes_zero']}, {li['excludes_zero']} |")
     q1 = summary.get("q1")
     if q1 and q1["caches"]:
-        lines += ["", "Q1 cost (seconds; extraction share = V views per image of the store's extraction time):", "",
-                  "| V | extraction share s | training s | total s | live training / cache total |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Q1 cost (wall and CPU seconds; extraction share = V views per image of the store's extraction):",
+                  "", "| V | extraction share s | training s | total s | live training / cache total | "
+                  "CPU total s | live / cache, CPU |", "|---|---|---|---|---|---|---|"]
+
+        def f(r, key, fmt="{:.0f}"):
+            return fmt.format(r[key]) if r.get(key) is not None else "-"
+
         for r in q1["caches"]:
-            ex = f"{r['extract_seconds']:.0f}" if r["extract_seconds"] is not None else "-"
-            ratio = f"{r['live_over_cache_total']:.2f}" if "live_over_cache_total" in r else "-"
-            lines.append(f"| {r['views']} | {ex} | {r['train_seconds']:.0f} | {r['total_seconds']:.0f} | {ratio} |")
+            lines.append(f"| {r['views']} | {f(r, 'extract_seconds')} | {f(r, 'train_seconds')} | "
+                         f"{f(r, 'total_seconds')} | {f(r, 'live_over_cache_total', '{:.2f}')} | "
+                         f"{f(r, 'total_cpu_seconds')} | {f(r, 'live_over_cache_cpu_total', '{:.2f}')} |")
         if q1["live_train_seconds"] is not None:
             lines.append(f"\nLive teacher training: {q1['live_train_seconds']:.0f} s. Smallest V within noise of the "
                          f"live teacher: {q1['smallest_views_within_noise']}.")

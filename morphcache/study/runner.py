@@ -58,6 +58,15 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (DALI / DataLoader workers): the cost
+    measure that, unlike wall time, does not grow when other jobs share the machine."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -124,11 +133,14 @@ class StudyRunner:
             augment=augment_from(scale=tuple(float(s) for s in CROP_SCALE)),
             limit=self.sizes.images if self.data_arg is not None else None,
         )
+        cpu0 = cpu_seconds()
         summary = run_extraction(opts)
+        cpu_s = cpu_seconds() - cpu0
         if not summary.complete:
             raise ConfigError(f"extraction of {opts.out} did not complete: {'; '.join(summary.lines())}")
         record = {"dtype": dtype, "path": opts.out, "views": views, "rows": summary.n_rows,
-                  "seconds": summary.stats.seconds, "seconds_per_view": summary.stats.seconds / max(summary.n_rows, 1)}
+                  "seconds": summary.stats.seconds, "seconds_per_view": summary.stats.seconds / max(summary.n_rows, 1),
+                  "cpu_seconds": cpu_s, "cpu_seconds_per_view": cpu_s / max(summary.n_rows, 1)}
         _write_json(record_path, record)
         return record
 
@@ -196,18 +208,18 @@ class StudyRunner:
         config = self.run_config(run)
         transform = self.noise() if run.setting.noise else None
         self.log(f"study: training {run.run_id}")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         load_before = os.getloadavg()
         summary = run_training(config, run_dir, img_size=STUDENT_SIZE, tensorboard=False, show_progress=False,
                                target_transform=transform)
-        train_total_s = time.perf_counter() - t0
+        train_total_s, train_cpu_s = time.perf_counter() - t0, cpu_seconds() - cpu0
         self.log(f"study: evaluating {run.run_id} ({summary['steps']} steps, {summary['wall_seconds']:.0f} s)")
         t1 = time.perf_counter()
         rows = self.evaluate(str(run_dir / "checkpoint.pt"), data, seed=run.seed)
         result = {
             "run_id": run.run_id, "setting": run.setting.to_dict(), "seed": run.seed,
             "config": config.model_dump(mode="json"), "train": summary,
-            "train_total_seconds": train_total_s, "eval_seconds": time.perf_counter() - t1,
+            "train_total_seconds": train_total_s, "train_cpu_seconds": train_cpu_s, "eval_seconds": time.perf_counter() - t1,
             "loadavg_before_training": load_before, "loadavg_after_eval": os.getloadavg(),
             "knn_top1": rows["knn"]["metrics"]["top1"], "linear_top1": rows["linear"]["metrics"]["top1"],
             "eval": rows,
