@@ -138,9 +138,11 @@ class StudyRunner:
         cpu_s = cpu_seconds() - cpu0
         if not summary.complete:
             raise ConfigError(f"extraction of {opts.out} did not complete: {'; '.join(summary.lines())}")
+        done = max(summary.stats.views, 1)  # views extracted by this call (a resumed extraction did fewer)
         record = {"dtype": dtype, "path": opts.out, "views": views, "rows": summary.n_rows,
-                  "seconds": summary.stats.seconds, "seconds_per_view": summary.stats.seconds / max(summary.n_rows, 1),
-                  "cpu_seconds": cpu_s, "cpu_seconds_per_view": cpu_s / max(summary.n_rows, 1)}
+                  "views_extracted_by_this_call": summary.stats.views, "seconds": summary.stats.seconds,
+                  "seconds_per_view": summary.stats.seconds / done, "cpu_seconds": cpu_s,
+                  "cpu_seconds_per_view": cpu_s / done}
         _write_json(record_path, record)
         return record
 
