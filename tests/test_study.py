@@ -143,12 +143,23 @@ def test_token_noise_is_fixed_per_row_and_calibrates_to_the_target_cosine(tmp_pa
 # ---- the command, end to end -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_study_run_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    import morphcache.study.noise as noise_mod
+
+    calls = []
+    real_call = noise_mod.TokenNoise.__call__
+
+    def counted(self, targets, rows):
+        calls.append(tuple(rows.tolist()))
+        return real_call(self, targets, rows)
+
+    monkeypatch.setattr(noise_mod.TokenNoise, "__call__", counted)
     out = tmp_path / "study"
     argv = ["study", "run", "--out", str(out), "--images", "32", "--views", "2", "--epochs", "1",
             "--batch-size", "16", "--questions", "q4", "--q4-seeds", "1", "--eval-train", "40", "--eval-test",
             "40", "--probe-epochs", "2", "--no-teacher-eval", "--noise-cosine", "0.5"]
     assert main(argv) == 0
     capsys.readouterr()
+    assert len(calls) == 4 and all(len(c) == 16 for c in calls)  # every micro-batch of both runs got the noise
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["dtm-v2-int8-noise-s0", "tokenwise-v2-int8-noise-s0"]
     result = json.loads((out / "runs" / runs[0] / "result.json").read_text())
