@@ -88,7 +88,7 @@ def pilot_command(
     merge_rule: Annotated[Optional[str], typer.Option("--merge-rule", help="released | exact (default: the run's, else training's default)")] = None,
     cases: Annotated[int, typer.Option(help="morphing cases sampled from the (n, k) distribution")] = 8,
     rows: Annotated[Optional[int], typer.Option(help="a seeded random subset of this many servable rows (default: all)")] = None,
-    classify_images: Annotated[int, typer.Option("--classify-images", help="labelled images for the token-classification test (half train, half test)")] = 512,
+    classify_images: Annotated[int, typer.Option("--classify-images", help="labelled images for the token-classification test (half train, half test)")] = 256,
     seed: Annotated[Optional[int], typer.Option(help="seed of the cases and subsets (default: the run's, else 0)")] = None,
     dask_address: Annotated[Optional[str], typer.Option("--dask", help="'local' for an embedded LocalCluster or a scheduler address; default: threads")] = None,
     workers: Annotated[int, typer.Option(help="threads for the local scheduler")] = 2,

@@ -55,7 +55,7 @@ class PilotConfig:
     cases: int = 8
     seed: int = 0
     rows: int | None = None  # None: every servable row
-    classify_images: int = 512
+    classify_images: int = 256
 
     @classmethod
     def defaults(cls, **overrides) -> "PilotConfig":
