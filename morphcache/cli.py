@@ -60,6 +60,7 @@ def _register() -> None:
     from morphcache.evaluate.cli import eval_app, report_command
     from morphcache.extract.cli import extract_command, replay_check_command, show_command
     from morphcache.store.cli import app as store_app
+    from morphcache.study.cli import study_app
     from morphcache.train.cli import train_command
 
     store_app.command("replay-check")(replay_check_command)
@@ -71,6 +72,7 @@ def _register() -> None:
     app.add_typer(eval_app, name="eval", help="Evaluate a checkpoint or a reference model.")
     app.command("report")(report_command)
     app.command("demo")(demo_command)
+    app.add_typer(study_app, name="study")
 
 
 _register()

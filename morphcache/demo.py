@@ -31,6 +31,8 @@ STUDENT_SIZE = 128  # patch 16 -> the same 8x8 grid as the teacher
 # Fashion-MNIST images are 28 px: DTM's 0.08 lower crop area would be an 8 px patch blown up 14x, far from the
 # whole garments the evaluation sees. 0.35 keeps crops recognisable (DINO's global crops use 0.4, MAE 0.2).
 CROP_SCALE = ("0.35", "1.0")
+WARMUP_STEPS = 20  # the full demo's student recipe (``--fast`` uses 2 and 1.5e-3)
+BASE_LR = 6e-3
 
 
 class _Stage:
@@ -130,7 +132,7 @@ def run_demo(
           lambda: show_store(store, rows=8, out=str(out / "store_show.png")))
 
     batch = 16 if fast else 32  # more steps per image seen: at this budget steps matter more than batch
-    warmup, base_lr = (2, 1.5e-3) if fast else (20, 6e-3)
+    warmup, base_lr = (2, 1.5e-3) if fast else (WARMUP_STEPS, BASE_LR)
     train_args = ["--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
                   "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", str(warmup),
                   "--base-lr", str(base_lr), "--workers", "1", "--no-tensorboard", "--precision", "bf16"]

@@ -343,6 +343,17 @@ class RunConfig(_Model):
     allow_partial: bool = Field(default=False, description="train on the finished chunks of an incomplete store")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (the "
                                   "schedule is unchanged)")
+    views_used: int | None = Field(
+        default=None, ge=1,
+        description="train on the first views_used stored views of each image (a V-view store serves every smaller "
+        "V); None = all views",
+    )
+    view_order: Literal["random", "epoch"] = Field(
+        default="random",
+        description="random: each epoch picks one of the used views per image at random; epoch: epoch e reads view "
+        "e mod views_used (a view the run has not seen while epochs <= views_used; with teacher_online, a live "
+        "teacher on a fresh view every epoch)",
+    )
 
     @field_validator("objective")
     @classmethod

@@ -1,4 +1,5 @@
-"""``morphcache store info | verify | stats | skipped`` (``replay-check`` and ``show`` are added by ``morphcache.cli``).
+"""``morphcache store info | verify | stats | skipped | pilot`` (``replay-check`` and ``show`` are added by
+``morphcache.cli``).
 
 Exit codes: 0 success, 1 ``verify`` found bad chunks, 2 bad input (one line naming the path and the problem,
 raised as :class:`morphcache.errors.StoreError` and printed by ``morphcache.cli.main``). None of these
@@ -98,5 +99,41 @@ def stats_command(
     stats = json.loads(json_path.read_text())
     typer.echo(f"rows {stats['rows']}  4-neighbour cosine {stats['neighbour_cosine']:.4f}  "
                f"top-{stats['knn_k']} adjacent {stats['knn_adjacent_fraction']:.4f} (chance {stats['knn_adjacent_chance']:.4f})")
+    typer.echo(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+@app.command("pilot")
+def pilot_command(
+    path: StorePath,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output directory (default: ./<store name>-pilot)")] = None,
+    run_config: Annotated[Optional[Path], typer.Option("--run-config", help="take the DTM settings (N, K, merge rule, seed) from a training run's directory or config.json")] = None,
+    max_merge: Annotated[Optional[int], typer.Option("--max-merge", help="DTM N (default: the run's, else every token of the grid)")] = None,
+    max_iters: Annotated[Optional[int], typer.Option("--max-iters", help="DTM K (default: the run's, else training's default)")] = None,
+    merge_rule: Annotated[Optional[str], typer.Option("--merge-rule", help="released | exact (default: the run's, else training's default)")] = None,
+    cases: Annotated[int, typer.Option(help="morphing cases sampled from the (n, k) distribution")] = 8,
+    rows: Annotated[Optional[int], typer.Option(help="a seeded random subset of this many servable rows (default: all)")] = None,
+    classify_images: Annotated[int, typer.Option("--classify-images", help="labelled images for the token-classification test (half train, half test)")] = 256,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the cases and subsets (default: the run's, else 0)")] = None,
+    dask_address: Annotated[Optional[str], typer.Option("--dask", help="'local' for an embedded LocalCluster or a scheduler address; default: threads")] = None,
+    workers: Annotated[int, typer.Option(help="threads for the local scheduler")] = 2,
+) -> int:
+    """DTM's pilot on this store: neighbour cosine by grid distance, variance DTM removes, token classification."""
+    from morphcache.store.feature_store import FeatureStore
+    from morphcache.store.pilot import PilotConfig, run_pilot
+
+    overrides = dict(max_merge=max_merge, max_iters=max_iters, rule=merge_rule, cases=cases, rows=rows,
+                     classify_images=classify_images, seed=seed)
+    cfg = PilotConfig.from_run(run_config, **overrides) if run_config else PilotConfig.defaults(**overrides)
+    store = FeatureStore.open(path, "r")
+    out_dir = out if out is not None else Path.cwd() / f"{Path(path).resolve().name}-pilot"
+    json_path, png_path, pilot = run_pilot(store, out_dir, cfg, dask_address=dask_address, workers=workers)
+    typer.echo(f"rows {pilot['rows']}  neighbour cosine {pilot['neighbour_cosine']:.4f}  "
+               f"variance removed by DTM {100 * pilot['removed_share']:.1f}%")
+    cls = pilot["token_classification"]
+    if cls:
+        typer.echo(f"token classification: {cls['raw_correct_tokens_per_image']:.1f} raw vs "
+                   f"{cls['morphed_correct_tokens_per_image']:.1f} morphed correct tokens of {cls['tokens_per_image']}")
+    typer.echo(pilot["verdict"])
     typer.echo(f"wrote {json_path} and {png_path}")
     return 0

@@ -172,7 +172,8 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
         reseed_generators(objective, config.seed, rank)
 
     sampler = EpochSampler(store.ok_rows(), spec.views_per_image, config.batch_size, config.seed, rank, world,
-                           second_view=objective.needs_second_view)
+                           second_view=objective.needs_second_view, views_used=config.views_used,
+                           view_order=config.view_order)
     steps_per_epoch = sampler.steps_per_epoch // config.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"an epoch has {sampler.steps_per_epoch} micro-batches, fewer than accum_steps "
@@ -263,10 +264,13 @@ def train_step(state: TrainState, batches) -> dict:
 
 def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, img_size: int | None = None,
                  image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
-                 teacher_weights: str | None = None, device: str | None = None) -> dict:
+                 teacher_weights: str | None = None, device: str | None = None, target_transform=None) -> dict:
     """Train as ``config`` says, writing into ``out_dir``; returns the summary (also ``summary.json``).
     ``device``: a resolved ``--device`` (None: CUDA when available, else CPU); ``config.precision`` ``auto`` is
     resolved for it (bf16 on a GPU that has it, fp32 on CPU) before the config is saved.
+    ``target_transform``: optional ``(targets (B, T, D) float32, rows (B,) int64) -> targets`` applied to every
+    micro-batch's targets after they are read (or computed by the online teacher); for controlled studies such as
+    :class:`morphcache.study.noise.TokenNoise`, never set by the ``train`` command.
 
     Raises:
         ConfigError: a student that does not fit the store, a run directory of another config, bad options.
@@ -276,6 +280,7 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
 
     t_setup = time.perf_counter()
     state, ckpt = build_train_state(config, out_dir, resume, img_size, image_root, teacher_weights, device)
+    state.target_transform = target_transform
     config, out_dir = state.config, state.out_dir
     if state.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

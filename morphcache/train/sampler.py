@@ -3,7 +3,8 @@
 Row ``r`` of a store is view ``r % V`` of image ``r // V``. For epoch ``e`` the sampler
 
 1. shuffles the servable images with ``numpy.random.default_rng((seed, e))``,
-2. picks one of the ``V`` views of each image from the same generator,
+2. picks one of the ``V`` views of each image from the same generator (or of the first ``views_used`` views; with
+   ``view_order="epoch"`` epoch ``e`` takes view ``e % views_used`` instead, the generator's draws unchanged),
 3. drops the tail so every rank gets the same number of rows (``floor(n / world_size)``), gives rank ``k`` the
    rows ``k, k + world_size, ...`` and groups them into ``steps_per_epoch`` full batches (the last partial batch is
    dropped: DALI and the student want uniform shapes).
@@ -32,6 +33,10 @@ class EpochSampler:
         seed: run seed; epoch ``e`` uses ``default_rng((seed, e))``.
         rank, world_size: DDP shard of this process.
         second_view: also pick a second, different view of each image (LUT's two views); same view when ``V == 1``.
+        views_used: use only the first ``views_used`` of the ``V`` views (None: all); the image order does not
+            depend on it, so runs with different ``views_used`` see the same images in the same order.
+        view_order: ``"random"`` (a random used view per image per epoch) or ``"epoch"`` (view ``e % views_used``
+            in epoch ``e``: no view repeats while the epochs do not outnumber the views).
     """
 
     def __init__(
@@ -43,8 +48,15 @@ class EpochSampler:
         rank: int = 0,
         world_size: int = 1,
         second_view: bool = False,
+        views_used: int | None = None,
+        view_order: str = "random",
     ) -> None:
         V = int(views_per_image)
+        used = V if views_used is None else int(views_used)
+        if not 1 <= used <= V:
+            raise ConfigError(f"views_used={views_used} must lie in [1, {V}] (the store's views per image)")
+        if view_order not in ("random", "epoch"):
+            raise ConfigError(f"view_order={view_order!r}: use 'random' or 'epoch'")
         if V <= 0 or batch_size <= 0:
             raise ConfigError(f"views_per_image={V} and batch_size={batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -58,6 +70,8 @@ class EpochSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.second_view = bool(second_view)
+        self.views_used = used
+        self.view_order = view_order
         self.per_rank = len(self.images) // self.world_size
         self.steps_per_epoch = self.per_rank // self.batch_size
         if self.steps_per_epoch == 0:
@@ -81,11 +95,13 @@ class EpochSampler:
             return self._cache[1], self._cache[2]
         rng = np.random.default_rng((self.seed, int(epoch)))
         order = rng.permutation(self.images)
-        V = self.views_per_image
-        views = rng.integers(0, V, size=order.size)
+        V, U = self.views_per_image, self.views_used
+        views = rng.integers(0, U, size=order.size)
+        if self.view_order == "epoch":
+            views = np.full_like(views, int(epoch) % U)
         rows = order * V + views
-        if self.second_view and V > 1:
-            other = (views + rng.integers(1, V, size=order.size)) % V
+        if self.second_view and U > 1:
+            other = (views + rng.integers(1, U, size=order.size)) % U
             rows2 = order * V + other
         else:
             rows2 = rows
@@ -125,4 +141,7 @@ class EpochSampler:
             "world_size": self.world_size,
             "n_images": int(len(self.images)),
             "steps_per_epoch": self.steps_per_epoch,
+            # only when not the default, so checkpoints written before these options existed still resume
+            **({"views_used": self.views_used} if self.views_used != self.views_per_image else {}),
+            **({"view_order": self.view_order} if self.view_order != "random" else {}),
         }
