@@ -47,12 +47,18 @@ DEBUG_ENV = "MORPHCACHE_DEBUG"
 _GROUPS = ("store", "eval", "schemas")
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help=f"on an unexpected error print the full traceback instead of "
                                         f"writing it to a file (also {DEBUG_ENV}=1); accepted anywhere on the line")] = False,
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True)] = False,
 ) -> None:
-    pass  # main() reads --debug before typer parses the line
+    """main() reads --debug before typer parses the line."""
+    if version:
+        from morphcache import __version__
+
+        typer.echo(f"morphcache {__version__}")
+        raise typer.Exit(0)
 
 
 def _register() -> None:
@@ -125,22 +131,42 @@ def _debug_requested(args: list[str]) -> tuple[bool, list[str]]:
     return flag or env, rest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+def _click_exception_types() -> tuple[tuple, tuple, tuple]:
+    """(Exit, ClickException, Abort) classes of click and of the copy of click that newer typer releases bundle
+    (``typer._click``); a usage error raised by either is bad input (exit 2), not an internal error."""
     import click
 
+    modules = [click.exceptions]
+    try:
+        from typer._click import exceptions as bundled
+    except ImportError:  # typer releases that use the click package itself
+        bundled = None
+    if bundled is not None and bundled is not click.exceptions:
+        modules.append(bundled)
+
+    def found(name: str, *extra) -> tuple:
+        return tuple(dict.fromkeys([getattr(m, name) for m in modules if hasattr(m, name)] + list(extra)))
+
+    return (found("Exit", typer.Exit), found("ClickException"), found("Abort", typer.Abort))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0 done, 1 a check found
+    problems or an internal error (one line; the traceback goes to a file), 2 bad input (one line), 130
+    interrupted."""
+    click_exit, click_error, click_abort = _click_exception_types()
     debug, args = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     try:
         result = app(args=args, prog_name="morphcache", standalone_mode=False)
     except MorphcacheError as exc:
         print(f"morphcache: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except click_exit as exc:
         return int(exc.exit_code or 0)
-    except click.ClickException as exc:
+    except click_error as exc:  # usage errors: unknown option or command, a value of the wrong type, no arguments
         exc.show()
         return 2
-    except click.exceptions.Abort:
+    except click_abort:
         print("morphcache: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
@@ -149,13 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line here, the traceback in a file (or here with --debug)
         what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         cmd = command_name(args)
+        cmd = "morphcache" if cmd == "morphcache" else f"morphcache {cmd}"
         if debug:
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-            print(f"morphcache {cmd}: internal error: {what}", file=sys.stderr)
+            print(f"{cmd}: internal error: {what}", file=sys.stderr)
             return 1
         path = write_traceback(exc, args)
         where = (f"full traceback in {path}" if path is not None else "the traceback could not be written")
-        print(f"morphcache {cmd}: internal error: {what}; {where} (--debug or {DEBUG_ENV}=1 prints it); "
+        print(f"{cmd}: internal error: {what}; {where} (--debug or {DEBUG_ENV}=1 prints it); "
               "please report it", file=sys.stderr)
         return 1
     return int(result or 0) if isinstance(result, int) else 0

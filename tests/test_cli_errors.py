@@ -80,3 +80,34 @@ def test_command_names():
     assert command_name(["extract", "--data", "d"]) == "extract"
     assert command_name(["eval", "knn", "--checkpoint", "c"]) == "eval knn"
     assert command_name([]) == "morphcache"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["eval", "bogus"], "No such command 'bogus'"),
+    (["extract", "--bogus"], "No such option: --bogus"),
+    (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["store", "info", "s.zarr", "--jsn"], "No such option: --jsn"),
+])
+def test_usage_errors_are_bad_input_not_internal_errors(argv, message, capsys, tmp_path, monkeypatch):
+    """Typer bundles its own copy of click in newer releases; its usage errors must still be exit 2 with click's
+    message (they were reported as internal errors with exit 1 and a traceback file)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err
+    assert not list(tmp_path.glob("morphcache-error-*.log"))
+
+
+def test_no_arguments_shows_help_and_version_prints_it(capsys):
+    from morphcache import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"morphcache {__version__}"
+    assert main([]) == 2  # click's convention for no_args_is_help
+    out = capsys.readouterr()
+    assert "Usage" in out.out + out.err and "internal error" not in out.err

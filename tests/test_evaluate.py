@@ -14,7 +14,7 @@ from PIL import Image
 
 from morphcache.errors import MorphcacheError
 from morphcache.evaluate.backbones import load_backbone
-from morphcache.evaluate.datasets import FASHION_MNIST_DIR, load_dataset, stratified_subset
+from morphcache.evaluate.datasets import fashion_mnist_dir, load_dataset, stratified_subset
 from morphcache.evaluate.features import extract_features, prepare_images
 from morphcache.evaluate.finetune import FinetuneConfig, finetune, param_groups
 from morphcache.evaluate.knn import knn_evaluate, knn_scores, topk_accuracy
@@ -89,7 +89,9 @@ def test_fashion_mnist_errors(tmp_path):
         load_dataset(f"fashion-mnist:{tmp_path}")
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file()
+                    and not (fashion_mnist_dir() / "train-images-idx3-ubyte").is_file(),
+                    reason="Fashion-MNIST not found where fashion_mnist_dir() points")
 def test_fashion_mnist_system_copy():
     d = load_dataset("fashion-mnist?train=200&test=100")
     assert d.train_images.shape == (200, 28, 28, 3) and d.test_images.shape == (100, 28, 28, 3)

@@ -207,7 +207,9 @@ def _idx(path: Path) -> np.ndarray:
 
 def _small_dataset(n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """uint8 grey images (N, H, W) and labels: Fashion-MNIST when installed, else scikit-learn's digits."""
-    root = Path("/usr/share/datasets/fashion-mnist")
+    from morphcache.evaluate.datasets import fashion_mnist_dir
+
+    root = fashion_mnist_dir()  # the one setting ($MORPHCACHE_FASHION_MNIST or Debian's folder)
 
     def find(stem: str) -> Path | None:
         return next((p for p in (root / stem, root / f"{stem}.gz") if p.is_file()), None)

@@ -119,7 +119,8 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (root / name).is_file():
             return root / name
-    raise MorphcacheError(f"{root / stem}[.gz] not found; point fashion-mnist:DIR at the folder with the idx files")
+    raise MorphcacheError(f"{root / stem}[.gz] not found; point fashion-mnist:DIR (or ${FASHION_MNIST_ENV}) at the "
+                          "folder with the idx files, or install Debian's dataset-fashion-mnist")
 
 
 def _load_fashion_mnist(root: Path):
