@@ -111,3 +111,22 @@ def test_run_dir_guards(tmp_path):
     with pytest.raises(ConfigError, match="seed differ"):
         guards.check_run_dir(run, cfg.model_copy(update={"seed": 1}), resume=True)
     assert json.loads((run / "config.json").read_text())["epochs"] == 2  # refusals never touch the run
+
+
+def test_a_run_made_by_an_older_morphcache_still_resumes(tmp_path):
+    """config.json of an older release lacks fields added since (they count as their defaults) and carries an
+    older schema_version (the file's format, not a setting); a real difference is still refused."""
+    import json
+
+    from morphcache.errors import ConfigError
+    from morphcache.schemas import RunConfig
+    from morphcache.train.guards import check_run_dir
+
+    config = RunConfig(store="s", precision="fp32")
+    old = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("views_used", "view_order")}
+    old["schema_version"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert check_run_dir(tmp_path, config, resume=True) is True
+    with pytest.raises(ConfigError, match="seed"):
+        check_run_dir(tmp_path, config.model_copy(update={"seed": 1}), resume=True)

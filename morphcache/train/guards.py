@@ -84,7 +84,13 @@ def check_online_teacher(spec: StoreSpec, teacher_spec) -> None:
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    """Fields whose values differ. A field the older run's config.json lacks (added by a later morphcache) counts
+    as its default, and ``schema_version`` is the file's format, not a setting of the run."""
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in RunConfig.model_fields.items()
+                if not field.is_required()}
+    defaults = RunConfig.model_construct(**defaults).model_dump(mode="json")
+    old = {**defaults, **old}
+    return sorted(k for k in set(old) | set(new) if k != "schema_version" and old.get(k) != new.get(k))
 
 
 def check_run_dir(out_dir: Path, config: RunConfig, resume: bool) -> bool:
