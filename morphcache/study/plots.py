@@ -73,7 +73,12 @@ def plot_wall_time(summary: dict, png: Path) -> Path | None:
     extra = [q1[k]["extract_seconds"] or 0.0 if k in q1 else 0.0 for k, _ in done]
     ax.barh(ys, extra, left=train, color="C2", alpha=0.6, label="extraction share (V views per image)")
     ax.set_yticks(list(ys), [s["label"] for _, s in done], fontsize=8)
-    ax.set_xlabel("wall seconds")
+    return _save_barh(plt, fig, ax, "wall seconds", png)
+
+
+def _save_barh(plt, fig, ax, xlabel: str, png: Path) -> Path:
+    """Label the x axis, add the legend and grid of a horizontal chart, write ``png`` and close the figure."""
+    ax.set_xlabel(xlabel)
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -96,10 +101,4 @@ def plot_differences(summary: dict, png: Path) -> Path | None:
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{c['question']}: {c['name']} (n={c['knn_top1']['n']})" for c in rows],
                   fontsize=8)
-    ax.set_xlabel("paired difference, points (same seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save_barh(plt, fig, ax, "paired difference, points (same seeds)", png)
