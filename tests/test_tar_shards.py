@@ -416,11 +416,11 @@ def test_training_reads_views_from_tar_shards(tar_store, tmp_path):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and np.all(np.isfinite(losses))  # 10 images / batch 4 = 2 full steps
     # the torch fallback loader reads the same bytes
-    from morphcache.train.loader import RenderSpec
+    from morphcache.train.loader import LoaderOptions, RenderSpec
     from morphcache.train.torch_loader import TorchTrainLoader
 
     t = store.spec.teacher
-    loader = TorchTrainLoader(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1)
+    loader = TorchTrainLoader(LoaderOptions(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1))
     batch = next(iter(loader))
     loader.close()
     assert tuple(batch.images.shape) == (4, 3, 64, 64) and batch.rows.tolist() == sampler.batch_rows(0).tolist()

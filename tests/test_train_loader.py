@@ -120,7 +120,7 @@ def test_view_source_refuses_an_image_edited_after_extraction(tmp_path):
     from PIL import Image
 
     from morphcache.errors import MorphcacheError
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec, ViewSource
 
     store = build_teacher_store(tmp_path, n_images=4, views=2, chunk_images=2)
     sampler = EpochSampler(store.ok_rows(), 2, batch_size=4, seed=0)
@@ -137,7 +137,7 @@ def test_view_source_refuses_an_image_edited_after_extraction(tmp_path):
 
     t = store.spec.teacher
     for make in (DaliTrainLoader, TorchTrainLoader):  # the worker's error arrives as one line, not a traceback
-        loader = make(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1)
+        loader = make(LoaderOptions(store, sampler, RenderSpec(t.image_size, t.mean, t.std), workers=1))
         with pytest.raises(MorphcacheError, match=r"im002\.png: file changed since the store was extracted") as info:
             _take(loader, 1)
         assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
@@ -145,12 +145,12 @@ def test_view_source_refuses_an_image_edited_after_extraction(tmp_path):
 
 # ---------------------------------------------------------------- DALI loader
 def test_dali_loader_renders_stored_views_with_cached_targets(store):
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec, ViewSource
 
     t = store.spec.teacher
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=3)
     render = RenderSpec(64, t.mean, t.std)
-    batches = _take(DaliTrainLoader(store, sampler, render, start_step=2, workers=1), 3)
+    batches = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, start_step=2, workers=1)), 3)
     for g, b in enumerate(batches, start=2):  # steps 2, 3 (epoch 0) and 4 (epoch 1)
         rows = sampler.batch_rows(g)
         assert b.images.shape == (4, 3, 64, 64) and b.images.dtype == torch.float32
@@ -167,12 +167,12 @@ def test_dali_loader_renders_stored_views_with_cached_targets(store):
 
 def test_dali_loader_student_size_differs_from_teacher_size(store):
     """A patch-8 student reads the same crops at 32 px (4x4 grid); teacher-size views come along."""
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec
 
     t = store.spec.teacher
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=0, second_view=True)
-    (b,) = _take(DaliTrainLoader(store, sampler, RenderSpec(32, t.mean, t.std, teacher_size=64, second_view=True),
-                                 workers=1), 1)
+    render = RenderSpec(32, t.mean, t.std, teacher_size=64, second_view=True)
+    (b,) = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, workers=1)), 1)
     rows, rows2 = sampler.batch_rows_pair(0)
     assert b.images.shape == (4, 3, 32, 32) and b.teacher_images.shape == (4, 3, 64, 64)
     assert torch.equal(b.images, _render_reference(store, rows, 32))
@@ -183,14 +183,14 @@ def test_dali_loader_student_size_differs_from_teacher_size(store):
 def test_torch_fallback_serves_the_same_batches(store):
     """Same rows and targets exactly; PIL pixels within the renderer tolerance measured against DALI."""
     from morphcache.extract.render_fidelity import pixel_differences
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec
     from morphcache.train.torch_loader import make_loader
 
     t = store.spec.teacher
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=1)
     render = RenderSpec(64, t.mean, t.std)
-    dali = _take(DaliTrainLoader(store, sampler, render, start_step=1, workers=1), 2)
-    fallback = _take(make_loader("torch", store, sampler, render, start_step=1, workers=0), 2)
+    dali = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, start_step=1, workers=1)), 2)
+    fallback = _take(make_loader("torch", LoaderOptions(store, sampler, render, start_step=1, workers=0)), 2)
     for a, b in zip(dali, fallback):
         assert torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)
         diff = pixel_differences(a.images, b.images, t.std)  # 8-bit pixel units
@@ -199,14 +199,14 @@ def test_torch_fallback_serves_the_same_batches(store):
 
 
 def test_online_teacher_reproduces_the_stored_targets(store):
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec
     from morphcache.train.online_teacher import OnlineTeacher
 
     teacher = OnlineTeacher(store.spec)
     t = store.spec.teacher
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=2)
-    (b,) = _take(DaliTrainLoader(store, sampler, RenderSpec(64, t.mean, t.std, teacher_size=teacher.size),
-                                 workers=1, read_targets=False), 1)
+    render = RenderSpec(64, t.mean, t.std, teacher_size=teacher.size)
+    (b,) = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, workers=1, read_targets=False)), 1)
     assert b.targets is None
     teacher.fill_targets(b)
     stored = store.read_tokens(b.rows.numpy())

@@ -17,17 +17,21 @@ Per micro-batch ``g`` (a global index; see :mod:`morphcache.train.sampler`):
 
 ``Batch(images (B,3,S,S) float32, targets (B,T,D) float32 | None, rows (B,) int64)`` plus optional
 ``images2``/``rows2`` (LUT's second view) and ``teacher_images`` (B,3,St,St) (online teacher).
+
+Every training loader (this one, :class:`~morphcache.train.torch_loader.TorchTrainLoader`, and any registered in
+:data:`morphcache.registries.loaders`) is built from one :class:`LoaderOptions` and implements the
+:class:`TrainLoader` protocol; :class:`morphcache.testing.contracts.TrainLoaderContract` checks it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from morphcache.errors import reraise_from_worker
+from morphcache.errors import ConfigError, reraise_from_worker
 from morphcache.train.sampler import EpochSampler
 from morphcache.train.targets import TargetPrefetcher
 
@@ -62,6 +66,109 @@ class RenderSpec:
     @property
     def sizes(self) -> tuple[int, ...]:
         return (self.img_size,) if self.teacher_size is None else (self.img_size, self.teacher_size)
+
+
+#: ``multiprocessing`` start methods the loaders' worker processes may use.
+START_METHODS = ("spawn", "fork", "forkserver")
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Everything a training loader takes, in one typed, validated object (built by :meth:`for_run` from a
+    ``RunConfig``; tests and benchmarks build it directly).
+
+    Args:
+        store: the open :class:`~morphcache.store.feature_store.FeatureStore` (targets and image bytes come from it).
+        sampler: the run's :class:`EpochSampler`; it carries the row order: batch size, seed, rank / world size,
+            ``views_used``, ``view_order``, the second view, and the dropped tail (every epoch is
+            ``sampler.steps_per_epoch`` full batches; there is no ``drop_last=False``).
+        render: what to render (:class:`RenderSpec`: student side in pixels, teacher side, normalization, LUT views).
+        start_step: global micro-batch ``g`` the first batch is (0 for a new run; ``step * accum_steps`` on resume).
+        workers: loader worker processes (DALI: ``py_num_workers``, at least 1; torch: DataLoader workers, 0 = the
+            main process).
+        threads: DALI CPU operator threads (the torch loader ignores it).
+        read_targets: False when the teacher runs online (``Batch.targets`` is then None).
+        image_root: where the store's images are when they moved since extraction (None: ``spec.dataset_root``).
+        prefetch: batches prepared ahead (DALI queue depth, DataLoader ``prefetch_factor``, target read-ahead).
+        start_method: how worker processes start (:data:`START_METHODS`).
+        target_device: where targets are dequantized (None: CPU; ``"cuda..."``: pinned staging and an asynchronous
+            copy, see :class:`~morphcache.train.targets.TargetPrefetcher`).
+
+    Raises:
+        ConfigError: a negative ``start_step`` or ``workers``, ``threads`` or ``prefetch`` below 1, an unknown
+            ``start_method``.
+    """
+
+    store: Any  # FeatureStore (not imported here: spawned DALI workers import this module)
+    sampler: EpochSampler
+    render: RenderSpec
+    start_step: int = 0
+    workers: int = 2
+    threads: int = 1
+    read_targets: bool = True
+    image_root: str | None = None
+    prefetch: int = 2
+    start_method: str = "spawn"
+    target_device: str | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.start_step) < 0:
+            raise ConfigError(f"loader start_step={self.start_step} must be >= 0")
+        if int(self.workers) < 0:
+            raise ConfigError(f"loader workers={self.workers} must be >= 0")
+        if int(self.threads) < 1 or int(self.prefetch) < 1:
+            raise ConfigError(f"loader threads={self.threads} and prefetch={self.prefetch} must be >= 1")
+        if self.start_method not in START_METHODS:
+            raise ConfigError(f"loader start_method={self.start_method!r}: use one of {', '.join(START_METHODS)}")
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per micro-batch on this rank (the sampler's)."""
+        return self.sampler.batch_size
+
+    @property
+    def lut_size(self) -> int | None:
+        """Student side both views are drawn at by LUT's recipe (``render.lut_views``), else None (stored views)."""
+        return self.render.img_size if self.render.lut_views else None
+
+    @classmethod
+    def for_run(cls, config, store, sampler: EpochSampler, img_size: int, *, teacher_size: int | None = None,
+                start_step: int = 0, read_targets: bool = True, image_root: str | None = None,
+                target_device: str | None = None) -> "LoaderOptions":
+        """The options of a training run: ``config`` (a ``RunConfig``) gives ``workers`` and ``lut_views``, the
+        store's spec gives normalization and interpolation, ``sampler.second_view`` says whether a second view is
+        rendered; ``img_size`` is the student's input side in pixels, ``teacher_size`` the online teacher's.
+
+        Raises:
+            ConfigError: see the class.
+        """
+        spec = store.spec
+        second = bool(sampler.second_view)
+        render = RenderSpec(img_size, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
+                            teacher_size=teacher_size, second_view=second,
+                            lut_views=second and config.lut_views == "release")
+        return cls(store, sampler, render, start_step=start_step, workers=config.workers, read_targets=read_targets,
+                   image_root=image_root, target_device=target_device)
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the training loop needs from a loader (every entry of :data:`morphcache.registries.loaders` returns one).
+
+    - ``options``: the :class:`LoaderOptions` it was built from.
+    - ``iter(loader)``: an endless stream of :class:`Batch`; the ``k``-th is micro-batch
+      ``g = options.start_step + k`` and holds exactly ``options.sampler.batch_rows(g)`` (and ``batch_rows_pair``'s
+      second views), ``targets`` the store's dequantized tokens of those rows (None without ``read_targets``).
+      Epoch boundaries are inside the stream (epoch ``g // steps_per_epoch``), so there is no ``set_epoch`` and no
+      ``__len__``: resuming is building a new loader with ``start_step`` set, and a loader is iterated once.
+    - ``close()``: stop worker processes and read-ahead threads (idempotent).
+    """
+
+    options: LoaderOptions
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def close(self) -> None: ...
 
 
 class ViewSource:
@@ -130,27 +237,31 @@ def _to_torch(tl) -> "torch.Tensor":
 
 
 class DaliTrainLoader:
-    """Endless iterator of :class:`Batch` from micro-batch ``start_step`` on, rendered by a DALI pipeline.
+    """Endless iterator of :class:`Batch` from micro-batch ``options.start_step`` on, rendered by a DALI pipeline
+    (a :class:`TrainLoader`).
 
     Args:
-        store: an open ``FeatureStore``; sampler: the run's :class:`EpochSampler`; render: :class:`RenderSpec`.
-        workers: ``py_num_workers`` of the parallel external source; threads: DALI CPU operator threads.
-        read_targets: False when the teacher runs online (``Batch.targets`` is then None).
-        start_method: ``"spawn"`` (default; workers receive the pickled :class:`ViewSource`) or ``"fork"``.
-        target_device: where targets are dequantized (None: CPU; CUDA: pinned staging and an asynchronous copy,
-            see :class:`~morphcache.train.targets.TargetPrefetcher`).
+        options: the :class:`LoaderOptions`; ``workers`` is the parallel external source's ``py_num_workers``
+            (at least 1), ``threads`` the DALI CPU operator threads, ``start_method`` ``"spawn"`` (workers
+            receive the pickled :class:`ViewSource`) or ``"fork"``.
+
+    Raises:
+        ConfigError: ``options`` is not a :class:`LoaderOptions`.
     """
 
-    def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
-                 threads: int = 1, read_targets: bool = True, image_root: str | None = None,
-                 prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
+    def __init__(self, options: LoaderOptions) -> None:
+        if not isinstance(options, LoaderOptions):
+            raise ConfigError(f"DaliTrainLoader takes one LoaderOptions, got {type(options).__name__}")
+        self.options = options
+        store, sampler, render = options.store, options.sampler, options.render
         self.store, self.sampler, self.render = store, sampler, render
-        self.start_step = int(start_step)
-        self.source = ViewSource(str(Path(store.path)), sampler, image_root, start_step,
-                                 lut_size=render.img_size if render.lut_views else None)
-        self.targets = TargetPrefetcher(store, sampler, prefetch, device=target_device) if read_targets else None
-        self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, workers), threads,
-                                     prefetch, start_method)
+        self.start_step = int(options.start_step)
+        self.source = ViewSource(str(Path(store.path)), sampler, options.image_root, self.start_step,
+                                 lut_size=options.lut_size)
+        self.targets = (TargetPrefetcher(store, sampler, options.prefetch, device=options.target_device)
+                        if options.read_targets else None)
+        self._pipe = _build_pipeline(self.source, render, sampler.batch_size, max(1, options.workers),
+                                     options.threads, options.prefetch, options.start_method)
 
     def __iter__(self) -> Iterator[Batch]:
         step = self.start_step

@@ -38,7 +38,7 @@ from morphcache.errors import ConfigError
 from morphcache.schemas import RunConfig
 from morphcache.train import guards
 from morphcache.train.checkpoint import reseed_generators, restore_train_state, save_train_state, set_rng_state
-from morphcache.train.loader import RenderSpec
+from morphcache.train.loader import LoaderOptions
 from morphcache.train.sampler import EpochSampler
 from morphcache.train.schedule import build_optimizer, scaled_lr
 
@@ -193,13 +193,12 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
         # the precision the store's targets were made in (schema-1 stores did not record it: the run's)
         state.teacher = OnlineTeacher(spec, device, precision=spec.teacher.precision or config.precision,
                                       weights=teacher_weights)
-    render = RenderSpec(side, tuple(spec.teacher.mean), tuple(spec.teacher.std), spec.augment.interpolation,
-                        teacher_size=state.teacher.size if state.teacher else None,
-                        second_view=objective.needs_second_view,
-                        lut_views=objective.needs_second_view and config.lut_views == "release")
-    state.loader = make_loader(config.loader, store, sampler, render, start_step=state.step * config.accum_steps,
-                               workers=config.workers, read_targets=objective.needs_targets and state.teacher is None,
-                               image_root=image_root, target_device=str(device) if device.type == "cuda" else None)
+    options = LoaderOptions.for_run(config, store, sampler, side,
+                                    teacher_size=state.teacher.size if state.teacher else None,
+                                    start_step=state.step * config.accum_steps,
+                                    read_targets=objective.needs_targets and state.teacher is None,
+                                    image_root=image_root, target_device=str(device) if device.type == "cuda" else None)
+    state.loader = make_loader(config.loader, options)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 

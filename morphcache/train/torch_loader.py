@@ -8,7 +8,8 @@ so rows and targets are identical. Pixels come from the PIL renderer
 is measured (:mod:`morphcache.extract.render_fidelity`, and ``tests/test_train_loader.py``), not assumed. Use the
 DALI loader when the student must see exactly the pixels the teacher saw.
 
-Rendering runs in ``workers`` DataLoader processes (0 = in the main process).
+Rendering runs in ``workers`` DataLoader processes (0 = in the main process). Both loaders take one
+:class:`~morphcache.train.loader.LoaderOptions` and implement :class:`~morphcache.train.loader.TrainLoader`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import numpy as np
 import torch
 
 from morphcache import registries
-from morphcache.errors import reraise_from_worker
-from morphcache.train.loader import Batch, RenderSpec, ViewSource
-from morphcache.train.sampler import EpochSampler
+from morphcache.errors import ConfigError, reraise_from_worker
+from morphcache.train.loader import Batch, LoaderOptions, RenderSpec, TrainLoader, ViewSource
 from morphcache.train.targets import TargetPrefetcher
 
 
@@ -66,24 +66,31 @@ class _StepBatches:
 
 
 class TorchTrainLoader:
-    """Endless iterator of :class:`Batch` from micro-batch ``start_step`` on (same arguments as the DALI loader)."""
+    """Endless iterator of :class:`Batch` from micro-batch ``options.start_step`` on (a
+    :class:`~morphcache.train.loader.TrainLoader`, the same :class:`~morphcache.train.loader.LoaderOptions` as the
+    DALI loader; ``threads`` is DALI-only and ignored here).
 
-    def __init__(self, store, sampler: EpochSampler, render: RenderSpec, start_step: int = 0, workers: int = 2,
-                 threads: int = 1, read_targets: bool = True, image_root: str | None = None,
-                 prefetch: int = 2, start_method: str = "spawn", target_device: str | None = None) -> None:
-        del threads  # DALI-only knob; accepted so both loaders share one signature
-        self.sampler, self.render, self.start_step = sampler, render, int(start_step)
-        source = ViewSource(str(store.path), sampler, image_root, start_step=0,
-                            lut_size=render.img_size if render.lut_views else None)
+    Raises:
+        ConfigError: ``options`` is not a :class:`~morphcache.train.loader.LoaderOptions`.
+    """
+
+    def __init__(self, options: LoaderOptions) -> None:
+        if not isinstance(options, LoaderOptions):
+            raise ConfigError(f"TorchTrainLoader takes one LoaderOptions, got {type(options).__name__}")
+        self.options = options
+        store, sampler, render, workers = options.store, options.sampler, options.render, options.workers
+        self.sampler, self.render, self.start_step = sampler, render, int(options.start_step)
+        source = ViewSource(str(store.path), sampler, options.image_root, start_step=0, lut_size=options.lut_size)
         kwargs = {}
         if workers > 0:
-            kwargs = {"prefetch_factor": max(1, prefetch), "multiprocessing_context": start_method,
+            kwargs = {"prefetch_factor": max(1, options.prefetch), "multiprocessing_context": options.start_method,
                       "persistent_workers": False}
         self._loader = torch.utils.data.DataLoader(
-            _ViewDataset(source, render), batch_sampler=_StepBatches(start_step, sampler.batch_size),
+            _ViewDataset(source, render), batch_sampler=_StepBatches(self.start_step, sampler.batch_size),
             num_workers=workers, **kwargs,
         )
-        self.targets = TargetPrefetcher(store, sampler, prefetch, device=target_device) if read_targets else None
+        self.targets = (TargetPrefetcher(store, sampler, options.prefetch, device=options.target_device)
+                        if options.read_targets else None)
 
     def __iter__(self) -> Iterator[Batch]:
         step = self.start_step
@@ -112,26 +119,29 @@ class TorchTrainLoader:
 
 
 @registries.loaders.register("torch")
-def _torch_loader(store, sampler: EpochSampler, render: RenderSpec, **kwargs) -> "TorchTrainLoader":
+def _torch_loader(options: LoaderOptions) -> TorchTrainLoader:
     """The PIL-rendered torch DataLoader (no DALI needed; pixels within the measured tolerance of DALI's)."""
-    return TorchTrainLoader(store, sampler, render, **kwargs)
+    return TorchTrainLoader(options)
 
 
 @registries.loaders.register("dali")
-def _dali_loader(store, sampler: EpochSampler, render: RenderSpec, **kwargs):
+def _dali_loader(options: LoaderOptions) -> TrainLoader:
     """The DALI pipeline loader (the renderer extraction used)."""
     from morphcache.train.loader import DaliTrainLoader
 
-    return DaliTrainLoader(store, sampler, render, **kwargs)
+    return DaliTrainLoader(options)
 
 
-def make_loader(kind: str, store, sampler: EpochSampler, render: RenderSpec, **kwargs):
+def make_loader(kind: str, options: LoaderOptions) -> TrainLoader:
     """The registered training loader ``kind`` (``dali``, ``torch``, or one a plug-in registered with
-    ``@morphcache.registries.loaders.register``). Every loader takes ``(store, sampler, render, start_step=,
-    workers=, read_targets=, image_root=, target_device=)`` and is iterable over
-    :class:`~morphcache.train.loader.Batch` with ``close()``.
+    ``@morphcache.registries.loaders.register``) built from ``options``. A registered loader is a function
+    ``(options: LoaderOptions) -> TrainLoader`` (see :class:`~morphcache.train.loader.TrainLoader`); a new one
+    should pass :class:`morphcache.testing.contracts.TrainLoaderContract`, which ``tests/test_loader_contract.py``
+    runs against every registered name.
 
     Raises:
-        ConfigError: no loader is registered under ``kind``.
+        ConfigError: no loader is registered under ``kind``, or ``options`` is not a ``LoaderOptions``.
     """
-    return registries.lookup(registries.loaders, kind)(store, sampler, render, **kwargs)
+    if not isinstance(options, LoaderOptions):
+        raise ConfigError(f"make_loader takes one LoaderOptions, got {type(options).__name__}")
+    return registries.lookup(registries.loaders, kind)(options)
