@@ -101,3 +101,40 @@ def store_arrays(path) -> dict:
             data = np.asarray(arr[:])
             out[name] = repr(data.tolist()).encode() if data.dtype.kind in "OUT" else data.tobytes()
     return out
+
+
+def make_image_store(path, n_images: int = 8, views: int = 2, chunk_images: int = 4, T: int = 16, D: int = 32,
+                     dtype: str = "int8", seed: int = 0, augment=None) -> FeatureStore:
+    """A store with real images and synthetic targets, built without DALI or a teacher (cheap; for loader tests).
+
+    Writes ``n_images`` texture PNGs (:func:`morphcache.testing.teacher_stores.write_texture_pngs`, 48..64 px per
+    side) into ``<path>_images/``, draws each image's ``views`` view rows with extraction's
+    :class:`~morphcache.extract.views.ViewSampler` (``augment``: an ``AugmentSpec``, default DTM's), and fills
+    tokens (T, D) and pooled rows with :func:`make_chunk`'s synthetic data. The teacher spec's image side is
+    ``4 * sqrt(T)`` pixels. Every image is servable (status ok).
+    """
+    from morphcache.extract.images import content_hash, load_canonical_bytes
+    from morphcache.extract.views import ViewSampler
+    from morphcache.schemas import AugmentSpec
+    from morphcache.testing.teacher_stores import write_texture_pngs
+
+    path = Path(path)
+    root = path.parent / f"{path.name}_images"
+    names = write_texture_pngs(root, n_images, seed)
+    sizes = [load_canonical_bytes(root / n)[1] for n in names]
+    table = ImageTable(
+        path=np.array(names), hash=np.array([content_hash((root / n).read_bytes()) for n in names]),
+        height=np.array([s[0] for s in sizes]), width=np.array([s[1] for s in sizes]),
+        label=np.arange(n_images) % 3, status=np.full(n_images, STATUS_PENDING, np.uint8),
+    )
+    augment = augment or AugmentSpec()
+    spec = make_spec(n_images, views, dtype, chunk_images, T, D, seed).model_copy(
+        update={"augment": augment, "dataset_root": str(root)})
+    store = FeatureStore.create(path, spec, table)
+    sampler = ViewSampler(augment, seed)
+    for c in range(store.n_chunks):
+        tokens, pooled, _, status = make_chunk(spec, c, seed)
+        ia, ib = store.chunk_image_range(c)
+        rows = np.stack([sampler.row(i, v, *sizes[i]) for i in range(ia, ib) for v in range(views)])
+        store.write_chunk(c, tokens, pooled, rows, status)
+    return FeatureStore.open(store.path)
