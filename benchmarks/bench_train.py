@@ -71,6 +71,7 @@ def in_memory_step_times(objective_name: str, steps: int, warmup: int = 2) -> li
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
+        batch["rng"] = np.random.default_rng((0, i))  # MAE / LUT masks
         batch["mask"] = masker.batch(BATCH, np.random.default_rng((0, i)))
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
