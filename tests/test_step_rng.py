@@ -50,7 +50,7 @@ def _weights(run: Path) -> dict:
 @pytest.mark.parametrize("objective", ["dtm", "tokenwise"])
 def test_dtm_and_tokenwise_masks_are_pinned(store_path, tmp_path, monkeypatch, objective):
     from morphcache.train import student as student_mod
-    from morphcache.train.masking import block_mask_generator_from_config
+    from morphcache.train.masking import build_block_mask_generator
 
     seen = []
     forward = student_mod.MIMStudent.forward
@@ -65,7 +65,7 @@ def test_dtm_and_tokenwise_masks_are_pinned(store_path, tmp_path, monkeypatch, o
     assert len(seen) == 4
     assert hashlib.sha256(np.stack(seen).tobytes()).hexdigest() == PINNED_MASKS
     # ... which are exactly the first draws of default_rng((seed, global micro-batch, rank 0))
-    masker = block_mask_generator_from_config(cfg, (4, 4))
+    masker = build_block_mask_generator(cfg, (4, 4))
     for g, mask in enumerate(seen):
         assert np.array_equal(mask, masker.batch(4, np.random.default_rng((cfg.seed, g, 0))).numpy())
 

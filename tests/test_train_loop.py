@@ -175,7 +175,7 @@ def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path,
     import catalogue
 
     from morphcache import registries
-    from morphcache.train.masking import block_mask_generator_from_config
+    from morphcache.train.masking import build_block_mask_generator
     from morphcache.train.objectives import Objective
 
     monkeypatch.setattr(catalogue, "REGISTRY", dict(catalogue.REGISTRY))  # the registration ends with the test
@@ -189,7 +189,7 @@ def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path,
 
         def __init__(self, config, student):
             super().__init__(student)
-            self.masker = block_mask_generator_from_config(config, student.grid)
+            self.masker = build_block_mask_generator(config, student.grid)
 
         def forward(self, batch):
             seen.append(sorted(k for k, v in batch.items() if v is not None))

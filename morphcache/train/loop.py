@@ -146,8 +146,14 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
     checkpoint (its RNG state is restored by the caller right before the first step).
 
     Raises:
-        ConfigError: a student that does not fit the store, a run directory of another config, bad options.
-        StoreError: an incomplete store without ``allow_partial``.
+        ConfigError: a student that does not fit the store, a run directory of another config, bad options
+            (``--teacher-online`` with an objective without targets, fewer micro-batches per epoch than
+            ``accum_steps``, an unknown objective or loader), a checkpoint of another run (see
+            :func:`~morphcache.train.checkpoint.restore_train_state`).
+        StoreNotFoundError: no store at ``config.store``.
+        StoreError: an unusable store (see :meth:`FeatureStore.open`), an incomplete one without
+            ``allow_partial``, or one with no servable rows.
+        MorphcacheError: ``resume`` with a missing or unreadable ``checkpoint.pt``.
     """
     from morphcache.device import resolve_precision
     from morphcache.store.feature_store import FeatureStore
@@ -276,8 +282,11 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     :class:`morphcache.study.noise.TokenNoise`, never set by the ``train`` command.
 
     Raises:
-        ConfigError: a student that does not fit the store, a run directory of another config, bad options.
-        StoreError: an incomplete store without ``allow_partial``.
+        ConfigError, StoreNotFoundError, StoreError, MorphcacheError: as :func:`build_train_state` (all raised
+            before the first step).
+        MorphcacheError: during training, a source image the loader re-renders that changed since extraction
+            (content hash differs; :func:`~morphcache.extract.images.load_stored_image_bytes`)
+            or no longer decodes (``BadImageError``).
     """
     from morphcache.progress import progress_bar
 

@@ -50,7 +50,7 @@ from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
 from morphcache.train.losses.tokenwise_loss import tokenwise_loss
 from morphcache.train.lut import LUTLearner
 from morphcache.train.mae import MAEModel
-from morphcache.train.masking import block_mask_generator_from_config
+from morphcache.train.masking import build_block_mask_generator
 from morphcache.train.student import MIMStudent
 
 OBJECTIVES = ("dtm", "tokenwise", "mae", "lut", "mae+dtm")
@@ -145,7 +145,7 @@ class DistillObjective(Objective):
         self.kind, self.beta = config.loss, config.smooth_l1_beta
         self.target_norm = config.target_norm
         self.dtm = DTMLoss.from_config(config, n_tokens=student.num_tokens) if name == "dtm" else None
-        self.masker = block_mask_generator_from_config(config, student.grid)
+        self.masker = build_block_mask_generator(config, student.grid)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._require(batch, "images", self.name)
