@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     from morphcache.cli import main as cli_main
     from morphcache.extract.images import load_canonical_bytes
     from morphcache.extract.pipeline import ExtractOptions
-    from morphcache.extract.engine import build_teacher, cpu_count
+    from morphcache.extract.engine import load_teacher_by_name, cpu_count
     from morphcache.extract.store_setup import create_store, plan_store
     from morphcache.extract.renderers import make_renderer
     from morphcache.extract.views import ViewSampler
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
                               image_size=args.image_size, batch_size=B, chunk_images=args.chunk_images,
                               dtype="int8")
         t0 = time.perf_counter()
-        teacher = build_teacher(args.teacher, image_size=args.image_size)
+        teacher = load_teacher_by_name(args.teacher, image_size=args.image_size)
         teacher_load = time.perf_counter() - t0
         spec, table = plan_store(opts, teacher.spec)
         renderer = make_renderer(spec.teacher, spec.augment, B, 1)

@@ -285,7 +285,7 @@ def _student_step(student_name: str, batch: int, size: int = 224):
     import torch
 
     from morphcache.schemas import RunConfig
-    from morphcache.train.masking import block_mask_generator_from_config
+    from morphcache.train.masking import build_block_mask_generator
     from morphcache.train.objectives import build_objective
     from morphcache.train.student import create_student
 
@@ -294,7 +294,7 @@ def _student_step(student_name: str, batch: int, size: int = 224):
     student = create_student(student_name, size, 768, config.layer_scale, config.drop_path)
     objective = build_objective("dtm", config, student, 768, student.grid).cuda()
     optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=1e-4, fused=True)
-    masker = block_mask_generator_from_config(config, student.grid)
+    masker = build_block_mask_generator(config, student.grid)
     masks = [masker.batch(batch, np.random.default_rng((0, i))) for i in range(8)]
     counter = [0]
 

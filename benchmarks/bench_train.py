@@ -54,7 +54,7 @@ def make_images(root: Path, n: int) -> None:
 def in_memory_step_times(objective_name: str, steps: int, warmup: int = 2) -> list[float]:
     """Seconds per optimizer step of ``objective_name`` on random in-memory tensors (bf16 autocast)."""
     from morphcache.schemas import RunConfig
-    from morphcache.train.masking import block_mask_generator_from_config
+    from morphcache.train.masking import build_block_mask_generator
     from morphcache.train.objectives import build_objective
     from morphcache.train.student import create_student
 
@@ -63,7 +63,7 @@ def in_memory_step_times(objective_name: str, steps: int, warmup: int = 2) -> li
     student = create_student(STUDENT, SIZE, 768, config.layer_scale, config.drop_path)
     objective = build_objective(objective_name, config, student, 768, student.grid)
     optimizer = torch.optim.AdamW(objective.param_groups(config.weight_decay), lr=1e-4)
-    masker = block_mask_generator_from_config(config, student.grid)
+    masker = build_block_mask_generator(config, student.grid)
     g = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(BATCH, 3, SIZE, SIZE, generator=g),
              "targets": torch.randn(BATCH, student.num_tokens, 768, generator=g),
@@ -71,6 +71,7 @@ def in_memory_step_times(objective_name: str, steps: int, warmup: int = 2) -> li
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
+        batch["rng"] = np.random.default_rng((0, i))  # MAE / LUT masks
         batch["mask"] = masker.batch(BATCH, np.random.default_rng((0, i)))
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):

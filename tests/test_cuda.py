@@ -237,7 +237,7 @@ def test_lut_with_syncbatchnorm_one_process_nccl():
         opt = torch.optim.AdamW(synced.trainable_parameters(), lr=1e-3)
         x = torch.randn(8, 3, 64, 64, device="cuda")
         for step in range(3):
-            batch = {"images": x, "images2": torch.flip(x, dims=[-1])}
+            batch = {"images": x, "images2": torch.flip(x, dims=[-1]), "rng": np.random.default_rng(step)}
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss, metrics = model(batch)
             opt.zero_grad(set_to_none=True)

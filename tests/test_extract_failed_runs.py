@@ -81,14 +81,14 @@ def test_every_early_failure_leaves_nothing(data, tmp_path, capsys, change):
 def test_a_resumed_store_is_never_removed(data, tmp_path, capsys):
     """A store that existed before the run (here: created, no chunk finished yet) stays when the resume fails."""
     from morphcache.extract.pipeline import ExtractOptions
-    from morphcache.extract.engine import build_teacher
+    from morphcache.extract.engine import load_teacher_by_name
     from morphcache.extract.store_setup import create_store, plan_store
     from morphcache.store.feature_store import FeatureStore
 
     out = tmp_path / "store.zarr"
     opts = ExtractOptions(data=str(data), out=str(out), teacher="timm:vit_tiny_patch16_224", image_size=32,
                           batch_size=4, threads=1, chunk_images=2, dtype="float16", seed=3)
-    spec, table = plan_store(opts, build_teacher(opts.teacher, 32).spec)
+    spec, table = plan_store(opts, load_teacher_by_name(opts.teacher, 32).spec)
     create_store(out, spec, table)
     code, err = extract(capsys, data, out, "--on-bad-image", "fail")
     assert code == 2 and "a_bad.jpg" in err[0]

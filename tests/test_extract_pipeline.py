@@ -76,7 +76,7 @@ def reference(tmp_path_factory, data) -> Path:
 
 def test_store_holds_sampled_views_and_teacher_tokens(reference, data):
     from morphcache.extract.images import load_canonical_bytes
-    from morphcache.extract.engine import teacher_from_spec
+    from morphcache.extract.engine import load_store_teacher
     from morphcache.extract.render_dali import DaliRenderer
     from morphcache.extract.views import ViewSampler
     from morphcache.store.feature_store import FeatureStore
@@ -96,7 +96,7 @@ def test_store_holds_sampled_views_and_teacher_tokens(reference, data):
     expected_views = ViewSampler(spec.augment, 7).sample_rows(np.arange(14), heights, widths, 2)
     np.testing.assert_array_equal(store.read_views(slice(0, 28)), expected_views)
     # independent recomputation: render all 28 views at once, run the teacher in one batch of 28
-    teacher = teacher_from_spec(spec.teacher)
+    teacher = load_store_teacher(spec.teacher)
     images = DaliRenderer(sizes=(32,), mean=spec.teacher.mean, std=spec.teacher.std, batch_size=28,
                           num_threads=1).render(encoded, expected_views)[0]
     tokens, pooled = teacher.forward_tokens(images)

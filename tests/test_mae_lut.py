@@ -58,21 +58,25 @@ def test_pixel_targets_are_normalised_per_patch():
 
 
 def test_random_masking_counts_and_reproducibility():
-    keep, mask = random_masking(5, 196, 0.75, torch.Generator().manual_seed(0))
+    keep, mask = random_masking(5, 196, 0.75, np.random.default_rng(0))
     assert keep.shape == (5, 49) and mask.shape == (5, 196)
     assert (mask.sum(dim=1) == 147).all()
     assert (keep.diff(dim=1) > 0).all()
     assert not mask.gather(1, keep).any()
-    keep2, _ = random_masking(5, 196, 0.75, torch.Generator().manual_seed(0))
+    keep2, _ = random_masking(5, 196, 0.75, np.random.default_rng(0))
     assert torch.equal(keep, keep2)
+    keep3, _ = random_masking(5, 196, 0.75, np.random.default_rng(1))
+    assert not torch.equal(keep, keep3)
+    with pytest.raises(TypeError, match="numpy"):
+        random_masking(1, 16, 0.5, torch.Generator())
     with pytest.raises(ConfigError):
-        random_masking(1, 16, 1.0, torch.Generator())
+        random_masking(1, 16, 1.0, np.random.default_rng(0))
 
 
 def test_mae_encoder_never_sees_masked_pixels_and_loss_covers_masked_only():
     model = MAEModel(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=4).eval()
     x = torch.randn(2, 3, 32, 32)
-    keep, mask = model.sample_keep(2, torch.Generator().manual_seed(1))
+    keep, mask = model.sample_keep(2, np.random.default_rng(1))
     y = x.clone()
     for b in range(2):
         for pos in torch.nonzero(mask[b]).flatten().tolist():
@@ -100,13 +104,13 @@ def test_decoder_position_table():
 
 
 def test_lut_keep_sets_are_disjoint():
-    k1, k2 = disjoint_keep_sets(16, 196, 49, torch.Generator().manual_seed(0))
+    k1, k2 = disjoint_keep_sets(16, 196, 49, np.random.default_rng(0))
     assert k1.shape == k2.shape == (16, 49)
     for a, b in zip(k1.tolist(), k2.tolist()):
         assert len(set(a)) == 49 and len(set(b)) == 49 and not set(a) & set(b)
     assert not torch.equal(keep_to_mask(k1, 196), keep_to_mask(k2, 196))
     with pytest.raises(ConfigError):
-        disjoint_keep_sets(1, 10, 6, torch.Generator())
+        disjoint_keep_sets(1, 10, 6, np.random.default_rng(0))
 
 
 def test_momentum_schedule_is_cosine_from_0996_to_1():
@@ -165,9 +169,8 @@ def test_lut_reconstructs_view_1_only():
     x1, x2 = _images(4, 0), _images(4, 1)
     out = {}
     for name, (a, b) in {"base": (x1, x2), "v2": (x1, x2 * 0.5 + 1), "v1": (x1 * 0.5 + 1, x2)}.items():
-        obj.generator.manual_seed(9)
         with torch.no_grad():
-            out[name] = obj({"images": a, "images2": b})[1]
+            out[name] = obj({"images": a, "images2": b, "rng": np.random.default_rng(9)})[1]
     assert out["v2"]["mae"] == pytest.approx(out["base"]["mae"], rel=1e-6)
     assert out["v2"]["unmasked"] != pytest.approx(out["base"]["unmasked"], rel=1e-4)
     assert out["v1"]["mae"] != pytest.approx(out["base"]["mae"], rel=1e-4)
@@ -190,8 +193,8 @@ def test_lut_steps_lower_both_losses_and_move_the_teacher_by_ema():
     hist = {"mae": [], "unmasked": []}
     steps = 30
     for step in range(steps):
-        obj.generator.manual_seed(123)  # same masks every step: a fixed problem to fit
-        loss, metrics = obj({"images": x1, "images2": x2})
+        # same masks every step: a fixed problem to fit
+        loss, metrics = obj({"images": x1, "images2": x2, "rng": np.random.default_rng(123)})
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in teacher_params)
@@ -213,7 +216,7 @@ def test_lut_steps_lower_both_losses_and_move_the_teacher_by_ema():
 def test_lut_needs_a_second_view_and_ignores_targets():
     obj = _lut_objective()
     with pytest.raises(ConfigError, match="images2"):
-        obj({"images": _images(4)})
+        obj({"images": _images(4), "rng": np.random.default_rng(0)})
 
 
 @pytest.mark.parametrize("name", ["mae", "mae+dtm"])
@@ -227,8 +230,7 @@ def test_mae_objectives_train(name):
     opt = torch.optim.AdamW(obj.param_groups(0.05), lr=2e-3)
     losses = []
     for step in range(25):
-        obj.generator.manual_seed(7)
-        loss, metrics = obj(batch)
+        loss, metrics = obj({**batch, "rng": np.random.default_rng(7)})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -238,7 +240,7 @@ def test_mae_objectives_train(name):
         assert np.mean([m["dtm"] for m in losses[-5:]]) < 0.9 * np.mean([m["dtm"] for m in losses[:5]])
         assert metrics["loss"] == pytest.approx(cfg.mae_weight * metrics["mae"] + metrics["dtm"], rel=1e-5)
         with pytest.raises(ConfigError, match="targets"):
-            obj({"images": batch["images"]})
+            obj({"images": batch["images"], "rng": np.random.default_rng(7)})
 
 
 def test_mae_objective_model_checkpoint_loads_as_the_backbone(tmp_path):
@@ -263,7 +265,8 @@ def test_objectives_are_bf16_autocast_safe():
     for name in ("mae+dtm", "lut"):
         cfg = RunConfig(store="s", objective=name, dtm_max_merge=8, dtm_max_iters=3, **SMALL)
         obj = build_objective(name, cfg, MIMStudent(_tiny_vit(), 12), 12, (4, 4))
-        batch = {"images": _images(4), "images2": _images(4, 5), "targets": torch.randn(4, 16, 12)}
+        batch = {"images": _images(4), "images2": _images(4, 5), "targets": torch.randn(4, 16, 12),
+                 "rng": np.random.default_rng(0)}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, metrics = obj(batch)
         loss.backward()
@@ -333,10 +336,9 @@ def test_every_lut_size_knob_reaches_the_loss(fields):
         torch.manual_seed(0)
         cfg = RunConfig(store="s", objective="lut", **{**SMALL, **extra})
         obj = build_objective("lut", cfg, MIMStudent(_tiny_vit(0), 12), 12, (4, 4))
-        obj.generator.manual_seed(4)
         torch.manual_seed(1)
         with torch.no_grad():
-            return float(obj({"images": _images(4, 0), "images2": _images(4, 1)})[0])
+            return float(obj({"images": _images(4, 0), "images2": _images(4, 1), "rng": np.random.default_rng(4)})[0])
 
     assert loss_of(**fields) != pytest.approx(loss_of(), rel=1e-6)
 

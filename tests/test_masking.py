@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from morphcache.errors import ConfigError
 from morphcache.schemas.specs import RunConfig
-from morphcache.train.masking import BlockMaskGenerator, block_mask_generator_from_config, scaled_num_masked
+from morphcache.train.masking import BlockMaskGenerator, build_block_mask_generator, scaled_num_masked
 
 
 def _boundary_edges(mask_2d: np.ndarray) -> int:
@@ -81,16 +81,16 @@ def test_invalid_arguments_raise_config_error(kwargs):
 
 def test_generator_from_run_config_scales_to_grid():
     cfg = RunConfig(store="s", mask_patches=75, mask_min_block=16)
-    gen = block_mask_generator_from_config(cfg, (16, 16))
+    gen = build_block_mask_generator(cfg, (16, 16))
     assert gen.num_masked == 98 and gen.min_block == 16
     assert int(gen(0).sum()) == 98
 
 
 def test_mask_block_knobs_scale_with_the_grid_and_cap_blocks():
     cfg = RunConfig(store="s", mask_patches=75, mask_min_block=16, mask_max_block=40, mask_scale_blocks=True)
-    gen = block_mask_generator_from_config(cfg, (8, 8))
+    gen = build_block_mask_generator(cfg, (8, 8))
     assert (gen.num_masked, gen.min_block, gen.max_block) == (24, 5, 13)  # x 64/196
-    fixed = block_mask_generator_from_config(cfg.model_copy(update={"mask_scale_blocks": False}), (8, 8))
+    fixed = build_block_mask_generator(cfg.model_copy(update={"mask_scale_blocks": False}), (8, 8))
     assert (fixed.min_block, fixed.max_block) == (16, 40)
     # the largest block bounds every placed rectangle: with max 4 a 14x14 mask needs many separate blocks
     small = BlockMaskGenerator((14, 14), 75, min_block=1, max_block=4)

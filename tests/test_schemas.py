@@ -66,21 +66,21 @@ def test_teacher_weights_are_identified_by_hash_not_path():
 
 def test_augment_from_file_and_flags(tmp_path):
     from morphcache.errors import ConfigError
-    from morphcache.schemas import augment_from
+    from morphcache.schemas import load_augment_spec
 
     f = tmp_path / "aug.json"
     f.write_text('{"scale": [0.2, 1.0], "hue": 0.1}')
-    assert augment_from(str(f), scale=(0.5, 1.0), interpolation=None) == AugmentSpec(scale=(0.5, 1.0), hue=0.1)
-    assert augment_from() == AugmentSpec()
+    assert load_augment_spec(str(f), scale=(0.5, 1.0), interpolation=None) == AugmentSpec(scale=(0.5, 1.0), hue=0.1)
+    assert load_augment_spec() == AugmentSpec()
     f.write_text('{"sclae": [0.2, 1.0]}')
     with pytest.raises(ConfigError, match="augmentation sclae="):
-        augment_from(str(f))
+        load_augment_spec(str(f))
     f.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
-        augment_from(str(f))
+        load_augment_spec(str(f))
     f.write_text("{oops")
     with pytest.raises(ConfigError, match="aug.json: not JSON"):
-        augment_from(str(f))
+        load_augment_spec(str(f))
 
 
 def test_invalid_values_are_refused():

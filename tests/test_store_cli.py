@@ -170,6 +170,14 @@ def test_stats_refuses_a_store_with_nothing_written(tmp_path, capsys):
     assert spec_store.n_chunks == 1
     code, _, err = run(capsys, "store", "stats", str(tmp_path / "s"), "--out", str(tmp_path / "st"))
     assert code == 2 and "no servable rows" in err
+    # the library function refuses it too, with the store's error class (its docstring's Raises:)
+    import dask
+
+    from morphcache.errors import StoreError
+    from morphcache.store.stats import compute_stats
+
+    with dask.config.set(scheduler="sync"), pytest.raises(StoreError, match="no servable rows"):
+        compute_stats(spec_store)
 
 
 def test_open_in_append_mode_does_not_modify(tmp_path):

@@ -1,5 +1,6 @@
 """MIM student: timm ViT wrapper, mask token semantics, checkpoint round trip."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,7 +172,7 @@ def test_beit_students_use_relative_position_bias_and_train_with_dtm(tmp_path):
     groups = obj.param_groups(0.05)
     no_decay = {id(p) for p in groups[1]["params"]}
     assert id(bb.blocks[0].attn.relative_position_bias_table) in no_decay
-    batch = {"images": torch.randn(4, 3, 32, 32), "targets": torch.randn(4, 16, 12)}
+    batch = {"images": torch.randn(4, 3, 32, 32), "targets": torch.randn(4, 16, 12), "rng": np.random.default_rng(0)}
     loss, _ = obj(batch)
     loss.backward()
     assert bb.rel_pos_bias.relative_position_bias_table.grad is not None

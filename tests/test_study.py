@@ -11,7 +11,7 @@ from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.store.feature_store import FeatureStore
 from morphcache.study.noise import TokenNoise, calibrate_noise, neighbour_cosine
-from morphcache.study.plan import StudySizes, make_plan, view_counts
+from morphcache.study.plan import StudySizes, build_plan, view_counts
 from morphcache.study.stats import describe, format_interval, paired_difference, t_quantile
 from morphcache.train.sampler import EpochSampler
 
@@ -65,7 +65,7 @@ def test_paired_difference_removes_shared_seed_variance():
 
 # ---- plan --------------------------------------------------------------------------------------------------------
 def test_plan_shares_runs_between_questions_and_orders_q1_q2_first():
-    plan = make_plan(StudySizes())
+    plan = build_plan(StudySizes())
     ids = [r.run_id for r in plan.runs]
     assert len(ids) == len(set(ids)) == 20  # Q1 10 + Q2 4 more + Q3 2 more + Q4 4
     assert view_counts(8) == [1, 2, 4, 8] and view_counts(6) == [1, 2, 4, 6]
@@ -78,11 +78,11 @@ def test_plan_shares_runs_between_questions_and_orders_q1_q2_first():
 
 def test_plan_rejects_impossible_sizes():
     with pytest.raises(ConfigError, match="--epochs"):
-        make_plan(StudySizes(views=2, epochs=4))
+        build_plan(StudySizes(views=2, epochs=4))
     with pytest.raises(ConfigError, match="--questions"):
-        make_plan(StudySizes(questions=("q5",)))
+        build_plan(StudySizes(questions=("q5",)))
     with pytest.raises(ConfigError, match="--q3-views"):
-        make_plan(StudySizes(q3_views=16))
+        build_plan(StudySizes(q3_views=16))
 
 
 # ---- sampler options ---------------------------------------------------------------------------------------------

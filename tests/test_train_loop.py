@@ -170,11 +170,12 @@ def test_print_config_shows_the_effective_hyper_parameters(store_path, capsys):
 
 def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path, tmp_path, monkeypatch):
     """A new objective is one factory plus a decorator: no existing module is edited. It declares what it needs
-    (targets and a block mask, here), and the engine provides exactly that."""
+    (targets, here), and the engine provides exactly that plus the step's generator ``rng``, from which it draws
+    its block mask."""
     import catalogue
 
     from morphcache import registries
-    from morphcache.train.masking import block_mask_generator_from_config
+    from morphcache.train.masking import build_block_mask_generator
     from morphcache.train.objectives import Objective
 
     monkeypatch.setattr(catalogue, "REGISTRY", dict(catalogue.REGISTRY))  # the registration ends with the test
@@ -185,16 +186,16 @@ def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path,
 
         name = "masked_l2"
         needs_targets = True
-        needs_block_mask = True
 
         def __init__(self, config, student):
-            super().__init__(student, config.seed)
-            self.masker = block_mask_generator_from_config(config, student.grid)
+            super().__init__(student)
+            self.masker = build_block_mask_generator(config, student.grid)
 
         def forward(self, batch):
             seen.append(sorted(k for k, v in batch.items() if v is not None))
-            pred = self.model(batch["images"], batch["mask"])
-            mask = batch["mask"].to(pred.device)
+            mask = self.masker.batch(batch["images"].shape[0], self.step_rng(batch))
+            pred = self.model(batch["images"], mask)
+            mask = mask.to(pred.device)
             loss = ((pred - batch["targets"]) ** 2).mean(-1)[mask].mean()
             return loss, {"loss": float(loss.detach())}
 
@@ -205,5 +206,5 @@ def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path,
     cfg = _config(store_path, objective="masked_l2", epochs=1, max_steps=3, loader="torch", workers=0, precision="fp32")
     summary = run_training(cfg, tmp_path / "toy", tensorboard=False)
     assert summary["steps"] == 3 and summary["objective"] == "masked_l2"
-    assert seen and all(keys == ["images", "mask", "targets"] for keys in seen)
+    assert seen and all(keys == ["images", "rng", "targets"] for keys in seen)
     assert np.isfinite(_losses(tmp_path / "toy")).all()

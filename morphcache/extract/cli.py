@@ -32,10 +32,10 @@ def extract_command(
     from morphcache.config_cli import validate_config
     from morphcache.device import describe
     from morphcache.extract.pipeline import resolve_options, run_extraction
-    from morphcache.schemas import AugmentSpec, augment_from
+    from morphcache.schemas import AugmentSpec, load_augment_spec
 
     if augment is not None or crop_scale is not None or interpolation is not None or "augment" not in values:
-        values["augment"] = augment_from(str(augment) if augment is not None else None, scale=crop_scale,
+        values["augment"] = load_augment_spec(str(augment) if augment is not None else None, scale=crop_scale,
                                          interpolation=interpolation)
     elif isinstance(values["augment"], dict):  # from --config: the file's augment mapping
         values["augment"] = validate_config(AugmentSpec, values["augment"], "augment")

@@ -126,6 +126,11 @@ def run_dask(store, chunks, opts, on_submit=None):
 
     ``on_submit()``, when given, is called once the scheduler is reached, just before the first task is submitted
     (from then on workers may write into the store).
+
+    Raises:
+        ConfigError: the ``opts.dask`` scheduler cannot be reached.
+        MorphcacheError: a task's user error (``BadImageError`` under ``--on-bad-image fail``, a ``StoreError``),
+            which dask re-raises here with its class.
     """
     from dask.distributed import as_completed
 

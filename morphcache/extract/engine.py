@@ -54,19 +54,29 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def build_teacher(teacher: str, image_size: int | None = None, projected: bool = False, device: str = "cpu",
-                  precision: str = "fp32"):
-    """Parse a ``--teacher`` string and load it (random weights are seeded by the registry)."""
+def load_teacher_by_name(teacher: str, image_size: int | None = None, projected: bool = False, device: str = "cpu",
+                         precision: str = "fp32"):
+    """Parse a ``--teacher`` string (``kind:name[@weights]``) and load that teacher's weights onto ``device``
+    (random weights are seeded by the registry).
+
+    Raises:
+        ConfigError: an unknown teacher kind or name, a bad precision, weights that do not fit.
+    """
     from morphcache.extract.teachers import load_teacher, parse_teacher_name
 
     kwargs = parse_teacher_name(teacher)
     return load_teacher(**kwargs, image_size=image_size, projected=projected, device=device, precision=precision)
 
 
-def teacher_from_spec(spec, device: str = "cpu", precision: str | None = None, weights: str | None = None):
-    """Rebuild a store's teacher from its :class:`TeacherSpec` (same seeded init for random weights), in
+def load_store_teacher(spec, device: str = "cpu", precision: str | None = None, weights: str | None = None):
+    """Load the teacher a store recorded in its :class:`TeacherSpec` (same seeded init for random weights), in
     ``precision`` or else the one the store recorded (fp32 when it recorded none). ``weights``: where the
-    recorded weights file lives now (checked against the recorded sha256)."""
+    recorded weights file lives now (checked against the recorded sha256).
+
+    Raises:
+        ConfigError: ``weights`` given for a teacher with no recorded hash, recorded weights no longer at their
+            path, or weights whose sha256 differs from the recorded one.
+    """
     from morphcache.extract.teachers import load_teacher_from_spec
 
     if weights is not None:

@@ -119,6 +119,10 @@ def build_manifest(
     ``workers`` threads read and hash files (I/O and hashing release the GIL). ``progress=None`` shows a
     progress bar when at least :data:`PROGRESS_MIN_FILES` files are scanned. Returns ``(table, root)``; every
     row has status ``STATUS_PENDING``.
+
+    Raises:
+        MorphcacheError: no such folder or list, no images found, an unreadable or malformed list file (not text,
+            a duplicate path, a negative label), ``label_key`` for input that is not tar shards.
     """
     from morphcache.extract.tar_shards import build_tar_manifest, is_tar_source
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from morphcache.errors import ConfigError
 from morphcache.extract import distributed
-from morphcache.extract.engine import ChunkExtractor, RunStats, build_teacher, cpu_count
+from morphcache.extract.engine import ChunkExtractor, RunStats, load_teacher_by_name, cpu_count
 from morphcache.extract.options import ExtractOptions
 from morphcache.extract.store_setup import plan_store, run_store
 
@@ -92,8 +92,11 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     """Extract (or resume) a store as ``opts`` says: locally, one shard of it, or over dask.
 
     Raises:
-        ConfigError: invalid option combinations, an unloadable teacher, an unusable ``--data``.
+        ConfigError: invalid option combinations or devices (:func:`resolve_options`), an unknown or unloadable
+            teacher, weights whose hash differs, an unreachable ``--dask`` scheduler.
+        MorphcacheError: an unusable ``--data`` (no such folder / list, no images, a malformed list file).
         SpecMismatchError: ``opts.out`` holds a store of another spec.
+        StoreError: ``opts.out`` is a non-empty folder that is not a store, or a damaged store.
         BadImageError: a bad image under ``on_bad_image="fail"``.
     """
     import torch
@@ -105,7 +108,7 @@ def run_extraction(opts: ExtractOptions) -> ExtractSummary:
     previous_threads = torch.get_num_threads()
     configure_threads(opts.device, opts.threads)
     try:
-        teacher = build_teacher(**opts.teacher_args())
+        teacher = load_teacher_by_name(**opts.teacher_args())
         spec, table = plan_store(opts, teacher.spec)
         # Tasks running on a remote dask scheduler's workers may still write after a failure: once they are
         # submitted, a new store is kept (a local cluster is shut down before the error reaches run_store).

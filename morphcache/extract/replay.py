@@ -98,7 +98,7 @@ def render_views(encoded: list[bytes], params: np.ndarray, size: int, mean, std,
 def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int = 0, batch_size: int = 16,
                  device: str = "cpu", precision: str | None = None, weights: str | None = None) -> ReplayReport:
     """Re-render ``rows`` stored views, re-run the store's teacher and compare tokens with the cache."""
-    from morphcache.extract.engine import teacher_from_spec
+    from morphcache.extract.engine import load_store_teacher
     from morphcache.store.feature_store import FeatureStore
     from morphcache.store.quantize import token_cosine
 
@@ -106,7 +106,7 @@ def replay_check(store_path, rows: int = 64, renderer: str = "dali", seed: int =
     spec = store.spec
     ids = sample_rows(store, rows, seed)
     encoded, params = load_view_inputs(store, ids)
-    teacher = teacher_from_spec(spec.teacher, device=device, precision=precision, weights=weights)
+    teacher = load_store_teacher(spec.teacher, device=device, precision=precision, weights=weights)
     cached = store.read_tokens_numpy(ids)  # (n, T, D) float32
     cos = np.empty((len(ids), spec.n_tokens), dtype=np.float64)
     t = spec.teacher

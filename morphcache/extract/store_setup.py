@@ -16,7 +16,12 @@ DEFAULT_CHUNK_ROWS = 256
 # ---------------------------------------------------------------------------------------------- store set-up
 def plan_store(opts, teacher_spec):
     """(StoreSpec, ImageTable) for ``opts`` (:class:`~morphcache.extract.pipeline.ExtractOptions`): the manifest of
-    ``opts.data`` (first ``limit`` images)."""
+    ``opts.data`` (first ``limit`` images).
+
+    Raises:
+        MorphcacheError: ``opts.data`` is no folder / list / tar source, holds no images, or its list file is
+            unreadable or malformed (:func:`~morphcache.extract.manifest.build_manifest`).
+    """
     from morphcache import __version__
     from morphcache.extract.manifest import build_manifest
     from morphcache.schemas import AugmentSpec, StoreSpec
@@ -41,6 +46,11 @@ def create_store(path: str | os.PathLike, spec, table):
     A store whose creation was killed (zarr metadata but no spec attribute, only morphcache's arrays) is
     removed and created again; anything else keeps FeatureStore's refusals. Runs use :func:`run_store`, which
     also undoes a failed run's new store.
+
+    Raises:
+        SpecMismatchError: ``path`` holds a store of another spec.
+        StoreError: ``path`` is a non-empty non-store folder, or any other refusal of
+            :meth:`~morphcache.store.feature_store.FeatureStore.create`.
     """
     with run_store(path, spec, table, remove_on_failure=False) as store:
         return store
@@ -56,6 +66,9 @@ def run_store(path: str | os.PathLike, spec, table, remove_on_failure=True):
     before (a resume) is never removed; neither is one another process (a shard started together) still
     holds: every run holds a shared ``flock`` on the store folder while it lasts, and removal needs it exclusive.
     ``remove_on_failure``: a bool, or a callable asked at failure time (False keeps the store).
+
+    Raises:
+        SpecMismatchError, StoreError: as :func:`create_store`, before anything is yielded.
     """
     from morphcache.store.feature_store import ATTR_KEY, FeatureStore
 

@@ -41,12 +41,13 @@ class ExtractionWorkerState(WorkerPlugin):
 
     def extractor(self, teacher_args: dict, batch_size: int, workers: int, renderer: str):
         """The cached ChunkExtractor for these settings (the teacher is loaded on first use). Call under ``lock``."""
-        from morphcache.extract.engine import ChunkExtractor, build_teacher
+        from morphcache.extract.engine import ChunkExtractor, load_teacher_by_name
 
         key = (tuple(sorted(teacher_args.items())), int(batch_size), int(workers), renderer)
         ex = self.extractors.get(key)
         if ex is None:
-            ex = self.extractors[key] = ChunkExtractor(build_teacher(**teacher_args), batch_size, workers, renderer)
+            teacher = load_teacher_by_name(**teacher_args)
+            ex = self.extractors[key] = ChunkExtractor(teacher, batch_size, workers, renderer)
         return ex
 
     def image_table(self, store):

@@ -13,7 +13,7 @@ from morphcache.schemas.specs import (
     StoreSpec,
     TeacherSpec,
     ViewParams,
-    augment_from,
+    load_augment_spec,
 )
 from morphcache.schemas.versioning import load_versioned, migrate, register_migration
 
@@ -30,7 +30,7 @@ __all__ = [
     "TeacherSpec",
     "VIEW_FIELDS",
     "ViewParams",
-    "augment_from",
+    "load_augment_spec",
     "load_versioned",
     "migrate",
     "register_migration",

@@ -114,9 +114,13 @@ class AugmentSpec(_Model):
         return self
 
 
-def augment_from(path: str | None = None, **overrides) -> AugmentSpec:
+def load_augment_spec(path: str | None = None, **overrides) -> AugmentSpec:
     """An :class:`AugmentSpec` from an optional JSON file of its fields, then the non-None ``overrides`` (command
-    line flags win over the file). Bad files and values raise one-line ``ConfigError``s naming them."""
+    line flags win over the file).
+
+    Raises:
+        ConfigError: the file cannot be read, is not a JSON object, or a field value is invalid.
+    """
     import json
     from pathlib import Path
 

@@ -53,7 +53,12 @@ def migrate(model_name: str, data: dict[str, Any], source: str = "document") -> 
 
 
 def load_versioned(model: type[M], data: dict[str, Any], source: str = "document") -> M:
-    """Migrate then validate ``data`` as ``model``; errors become one line naming ``source``."""
+    """Migrate then validate ``data`` as ``model``; errors become one line naming ``source``.
+
+    Raises:
+        StoreError: ``data`` is not a dict, has no integer ``schema_version``, a version this package cannot
+            migrate, or fields that fail validation.
+    """
     if not isinstance(data, dict):
         raise StoreError(f"{source}: expected a JSON object for {model.__name__}, got {type(data).__name__}")
     data = migrate(model.__name__, data, source)

@@ -96,6 +96,12 @@ class FeatureStore:
         ``compression`` (``none`` or ``zstd`` = blosc/zstd level 1) applies inside token and scale shards.
         An existing store with a different spec identity raises :class:`SpecMismatchError` naming the differing
         fields; nothing is modified.
+
+        Raises:
+            SpecMismatchError: ``path`` holds a store whose spec differs from ``spec`` (the differing fields named).
+            StoreError: an unknown ``compression``, an image table whose length is not ``spec.n_images``, a
+                ``rows_per_inner_chunk`` that does not divide the chunk rows, ``path`` an existing non-empty
+                folder or file that is not a zarr store, or an existing store :meth:`open` refuses.
         """
         import zarr
 
@@ -131,6 +137,13 @@ class FeatureStore:
         """Open an existing store for reading (``"r"``) or appending (``"a"``); refuses anything else clearly.
 
         Opening never modifies the store. Errors are one-line :class:`StoreError` s naming the path.
+
+        Raises:
+            StoreNotFoundError: nothing at ``path`` (also a ``FileNotFoundError``).
+            StoreError: not a zarr store, unreadable zarr metadata, no morphcache spec attribute (not made by
+                morphcache, or its creation was interrupted), a spec of an unknown schema version or invalid
+                fields, or arrays missing / of the wrong shape or dtype (a truncated or damaged store).
+            ValueError: ``mode`` is not ``"r"`` or ``"a"`` (a programming error).
         """
         import zarr
 
@@ -192,6 +205,10 @@ class FeatureStore:
 
         Order: data arrays, then status, then the checksum, then ``progress[c] = 1``. Returns the checksum.
         Rows of skipped images must already be zero in the inputs. Everything is validated before any write.
+
+        Raises:
+            StoreError: the store is open read-only, ``c`` is not a chunk index, an input has the wrong shape,
+                or the tokens / pooled features are not finite (or overflow the store's dtype).
         """
         from morphcache.store.quantize import quantize
 
@@ -380,7 +397,7 @@ class FeatureStore:
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
-    """Shorthand for :meth:`FeatureStore.open`."""
+    """Shorthand for :meth:`FeatureStore.open` (same arguments, same ``Raises``)."""
     return FeatureStore.open(path, mode)
 
 

@@ -67,7 +67,11 @@ class PilotConfig:
 
     @classmethod
     def from_run(cls, path: str | Path, **overrides) -> "PilotConfig":
-        """The DTM settings of a training run's ``config.json`` (a RunConfig), with ``overrides``."""
+        """The DTM settings of a training run's ``config.json`` (a RunConfig), with ``overrides``.
+
+        Raises:
+            ConfigError: the file cannot be read or is not a valid RunConfig.
+        """
         from pydantic import ValidationError
 
         from morphcache.schemas import RunConfig
@@ -199,7 +203,12 @@ def verdict(share: float, neighbour_cos: float | None, cfg: PilotConfig, n_token
 
 
 def compute_pilot(store, cfg: PilotConfig) -> dict:
-    """Everything of the module doc, with the current dask scheduler (see :func:`run_pilot`)."""
+    """Everything of the module doc, with the current dask scheduler (see :func:`run_pilot`).
+
+    Raises:
+        StoreError: the store has no servable rows yet.
+        ConfigError: ``cfg.cases`` or ``cfg.rows`` below 1.
+    """
     import dask
 
     from morphcache.store.stats import merge
@@ -267,7 +276,11 @@ def plot_pilot(pilot: dict, png: Path) -> Path:
 def run_pilot(store, out_dir: str | Path, cfg: PilotConfig, dask_address: str | None = None,
               workers: int = 2) -> tuple[Path, Path, dict]:
     """Compute and write ``out_dir/pilot.json`` and ``out_dir/pilot.png``. ``dask_address``: None = local threads,
-    ``"local"`` = an embedded distributed LocalCluster, else a scheduler address."""
+    ``"local"`` = an embedded distributed LocalCluster, else a scheduler address.
+
+    Raises:
+        StoreError, ConfigError: as :func:`compute_pilot`.
+    """
     import dask
 
     out_dir = Path(out_dir)

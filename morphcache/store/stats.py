@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphcache.errors import StoreError
 from morphcache.store.feature_store import FeatureStore
 
 
@@ -94,7 +95,11 @@ def block_hist(tokens: np.ndarray, mask: np.ndarray, edges: np.ndarray) -> np.nd
 
 def compute_stats(store: FeatureStore, k: int = 8, bins: int = 64) -> dict:
     """All statistics of the module docstring, computed with the current dask scheduler (set by the caller:
-    ``dask.config.set(scheduler="threads")`` or a ``distributed.Client``)."""
+    ``dask.config.set(scheduler="threads")`` or a ``distributed.Client``).
+
+    Raises:
+        StoreError: the store has no servable rows (no finished chunk with ok images).
+    """
     import dask
 
     spec = store.spec
@@ -104,7 +109,7 @@ def compute_stats(store: FeatureStore, k: int = 8, bins: int = 64) -> dict:
     bounds = np.cumsum((0,) + tuple(tok.chunks[0]))
     blocks = [(blk, mask[a:b]) for blk, a, b in zip(tok.to_delayed().ravel(), bounds[:-1], bounds[1:]) if mask[a:b].any()]
     if not blocks:
-        raise ValueError("no servable rows")
+        raise StoreError(f"{store.path}: no servable rows (no finished chunk with ok images); run extract first")
     grid = spec.teacher.grid
     (tot,) = dask.compute(dask.delayed(merge)([dask.delayed(block_stats)(b, m, grid, k) for b, m in blocks]))
     edges = np.linspace(0.0, max(tot["norm_max"], 1e-12), bins + 1)
@@ -176,7 +181,11 @@ def plot_stats(stats: dict, png: Path) -> Path:
 def run_stats(store: FeatureStore, out_dir: Path, dask_address: str | None = None, workers: int = 2,
               k: int = 8, bins: int = 64) -> tuple[Path, Path]:
     """Compute, write ``out_dir/stats.json`` and ``out_dir/stats.png``. ``dask_address``: None = local threads
-    scheduler, ``"local"`` = an embedded distributed LocalCluster, else a scheduler address."""
+    scheduler, ``"local"`` = an embedded distributed LocalCluster, else a scheduler address.
+
+    Raises:
+        StoreError: the store has no servable rows (:func:`compute_stats`).
+    """
     import dask
 
     out_dir = Path(out_dir)

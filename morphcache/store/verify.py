@@ -70,7 +70,9 @@ def check_chunk(store: FeatureStore, c: int, progress: int, stored_checksum: int
 
 
 def verify_store(store: FeatureStore, show_progress: bool = True) -> VerifyReport:
-    """Check every chunk; returns a :class:`VerifyReport` listing every bad chunk."""
+    """Check every chunk; returns a :class:`VerifyReport` listing every bad chunk. Damaged chunks are reported,
+    not raised (the store was opened by the caller, which is where a missing or malformed store is refused:
+    :meth:`~morphcache.store.feature_store.FeatureStore.open` raises ``StoreNotFoundError`` / ``StoreError``)."""
     from morphcache.progress import progress_bar
 
     report = VerifyReport(str(store.path), store.n_chunks)

@@ -141,8 +141,13 @@ class StudyPlan:
         return {r.setting.key: r.setting for r in self.runs}
 
 
-def make_plan(sizes: StudySizes) -> StudyPlan:
-    """The ordered, de-duplicated run list and the comparisons of the questions in ``sizes.questions``."""
+def build_plan(sizes: StudySizes) -> StudyPlan:
+    """The ordered, de-duplicated run list and the comparisons of the questions in ``sizes.questions``.
+
+    Raises:
+        ConfigError: a size below 1, negative seeds, unknown questions, more epochs than views for q1, q3 views
+            above the views, fewer images than a batch (:meth:`StudySizes.check`).
+    """
     sizes.check()
     V = sizes.views
     dtm_all = Setting("dtm", V)

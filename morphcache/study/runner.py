@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from morphcache.errors import ConfigError
-from morphcache.study.plan import Run, StudyPlan, StudySizes, make_plan
+from morphcache.study.plan import Run, StudyPlan, StudySizes, build_plan
 
 # The demo's recipe (morphcache/demo.py): teacher at 112 px -> 8x8 tokens, ViT-Tiny/16 at 128 px, crops >= 0.35,
 # 20 warmup steps, base lr 6e-3, one loader worker.
@@ -75,7 +75,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 class StudyRunner:
-    """Executes :func:`make_plan` ``(sizes)`` into ``out``; :meth:`run` is resumable (see the module doc).
+    """Executes :func:`build_plan` ``(sizes)`` into ``out``; :meth:`run` is resumable (see the module doc).
 
     Args:
         out: output directory; sizes: :class:`StudySizes`; data: an image folder to pretrain on (None: the demo's
@@ -89,7 +89,7 @@ class StudyRunner:
                  log: Callable[[str], None] = print) -> None:
         self.out = Path(out)
         self.sizes = sizes
-        self.plan: StudyPlan = make_plan(sizes)
+        self.plan: StudyPlan = build_plan(sizes)
         self.data_arg = Path(data) if data is not None else None
         self.eval_arg = eval_dataset
         self.teacher_eval = teacher_eval
@@ -126,14 +126,14 @@ class StudyRunner:
         if record is not None:
             return record
         from morphcache.extract.pipeline import ExtractOptions, run_extraction
-        from morphcache.schemas import augment_from
+        from morphcache.schemas import load_augment_spec
 
         views = self.sizes.views if dtype == "int8" else self.sizes.q3_views
         self.log(f"study: extracting the {dtype} store ({views} views per image)")
         opts = ExtractOptions(
             data=str(data.image_dir), out=str(self.store_path(dtype)), teacher=TEACHER, views=views,
             image_size=TEACHER_SIZE, batch_size=32, dtype=dtype, chunk_images=64, seed=0, precision="bf16",
-            augment=augment_from(scale=tuple(float(s) for s in CROP_SCALE)),
+            augment=load_augment_spec(scale=tuple(float(s) for s in CROP_SCALE)),
             limit=self.sizes.images if self.data_arg is not None else None,
         )
         cpu0 = cpu_seconds()

@@ -69,14 +69,26 @@ def _generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
     return found
 
 
+#: The objectives' own mask generator, removed when masks moved to the loop's per-step rng; checkpoints written
+#: before that still list it. It no longer drives anything, so restoring such a checkpoint skips it.
+_RETIRED_GENERATORS = ("generator",)
+
+
 def generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """States of every generator of :func:`_generators` (objective mask / DTM case RNGs)."""
+    """States of every generator of :func:`_generators` (today: DTM's morphing-case RNG; masks come from the
+    loop's per-step numpy generator and need no state)."""
     return {name: gen.get_state() for name, gen in _generators(module).items()}
 
 
 def set_generator_states(module: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`generator_states`; a generator missing from ``states`` is an error (other objective)."""
+    """Inverse of :func:`generator_states`.
+
+    Raises:
+        MorphcacheError: the checkpoint's generators are not the module's (another objective); a retired
+            objective mask generator (:data:`_RETIRED_GENERATORS`) in an older checkpoint is skipped.
+    """
     current = _generators(module)
+    states = {k: v for k, v in states.items() if k in current or k not in _RETIRED_GENERATORS}
     if set(current) != set(states):
         raise MorphcacheError(f"checkpoint generators {sorted(states)} do not match the objective's {sorted(current)}")
     for name, state in states.items():
@@ -90,7 +102,12 @@ def reseed_generators(module: torch.nn.Module, seed: int, rank: int) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` (plus the current RNG states) atomically to ``path``; returns the path."""
+    """Write ``payload`` (plus the current RNG states) atomically to ``path``; returns the path.
+
+    Raises:
+        OSError: the folder cannot be created or written (no morphcache error: nothing the user passed is wrong
+            in a way this function can name).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(payload)
@@ -102,7 +119,12 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint with ``weights_only=True`` (CPU tensors); one-line error if it is not one of ours."""
+    """Read a checkpoint with ``weights_only=True`` (CPU tensors); one-line error if it is not one of ours.
+
+    Raises:
+        MorphcacheError: no file at ``path``, an unreadable file (not a torch zip, or unpickling refused), or a
+            dict without the resumable keys (model, config, optimizer, schedule, step, micro_step, rng).
+    """
     path = Path(path)
     if not path.is_file():
         raise MorphcacheError(f"{path}: no checkpoint to resume from; run without --resume to start the run")
@@ -128,7 +150,11 @@ def _split_model_state(objective) -> tuple[dict, dict, str]:
 
 def save_train_state(state, names: list[str]) -> None:
     """Rank 0 writes ``state`` (a :class:`~morphcache.train.loop.TrainState`) as ``out_dir/names[0]`` and copies
-    the same bytes to the other ``names`` (serialised once, each copy renamed into place)."""
+    the same bytes to the other ``names`` (serialised once, each copy renamed into place).
+
+    Raises:
+        OSError: the run directory cannot be written (see :func:`save_checkpoint`).
+    """
     import shutil
 
     if state.rank != 0:
@@ -157,8 +183,10 @@ def restore_train_state(state, path: str | os.PathLike) -> dict:
     step, after everything that draws random numbers while being built).
 
     Raises:
-        MorphcacheError: not a resumable checkpoint.
-        ConfigError: another row order (world size, store), another store, or another objective.
+        MorphcacheError: not a resumable checkpoint (:func:`load_checkpoint`), or generators of another
+            objective (:func:`set_generator_states`).
+        ConfigError: another row order (world size, store), another store, another target width, or an
+            objective state that does not fit ``config.objective``.
     """
     from morphcache.errors import ConfigError
     from morphcache.train import guards

@@ -10,9 +10,13 @@ in :mod:`morphcache.train.checkpoint`. :func:`run_training` drives them and writ
 ``epochs x steps_per_epoch`` optimizer steps. ``max_steps`` only stops the run early (it does not shorten the
 schedule), so a run stopped at step k and resumed continues exactly as the uninterrupted run.
 
-Determinism: the row order is a function of (seed, epoch) and the micro-batch index; masks come from
-``default_rng((seed, micro_batch, rank))``; the torch / numpy / python RNGs and the objective's generators are
-checkpointed and restored after everything is built, right before the first resumed step.
+Determinism: the row order is a function of (seed, epoch) and the micro-batch index. Every micro-batch's inputs
+carry ``rng = numpy.random.default_rng((seed, g, rank))`` (``g = step * accum_steps + micro``, the global
+micro-batch index): the objective draws all its masks from it -- BEiT block masks (dtm, tokenwise), MAE random
+keep sets (mae, mae+dtm), LUT's disjoint keep sets -- so masks are a function of (seed, g, rank) alone and need no
+checkpointed state. What is checkpointed and restored (after everything is built, right before the first resumed
+step): the torch / numpy / python global RNGs (dropout, drop-path) and the ``torch.Generator`` objects the
+objective holds (DTM's morphing-case sampler, see :mod:`morphcache.train.objectives`).
 
 Outputs in ``out_dir`` (rank 0 only): ``config.json`` (the resolved RunConfig), ``metrics.jsonl`` (one JSON line
 per optimizer step: step, epoch, loss, lr, images_per_s, grad_norm, data_s, objective metrics), ``tb/``
@@ -142,8 +146,14 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
     checkpoint (its RNG state is restored by the caller right before the first step).
 
     Raises:
-        ConfigError: a student that does not fit the store, a run directory of another config, bad options.
-        StoreError: an incomplete store without ``allow_partial``.
+        ConfigError: a student that does not fit the store, a run directory of another config, bad options
+            (``--teacher-online`` with an objective without targets, fewer micro-batches per epoch than
+            ``accum_steps``, an unknown objective or loader), a checkpoint of another run (see
+            :func:`~morphcache.train.checkpoint.restore_train_state`).
+        StoreNotFoundError: no store at ``config.store``.
+        StoreError: an unusable store (see :meth:`FeatureStore.open`), an incomplete one without
+            ``allow_partial``, or one with no servable rows.
+        MorphcacheError: ``resume`` with a missing or unreadable ``checkpoint.pt``.
     """
     from morphcache.device import resolve_precision
     from morphcache.store.feature_store import FeatureStore
@@ -232,8 +242,7 @@ def train_step(state: TrainState, batches) -> dict:
             inputs["targets"] = batch.targets.to(state.device, non_blocking=True)
         if batch.images2 is not None:
             inputs["images2"] = batch.images2.to(state.device, non_blocking=True)
-        if objective.needs_block_mask:
-            inputs["mask"] = objective.masker.batch(len(batch.rows), np.random.default_rng((config.seed, g, state.rank)))
+        inputs["rng"] = np.random.default_rng((config.seed, g, state.rank))  # the objective's masks come from it
         last_micro = micro == config.accum_steps - 1
         sync = state.model.no_sync() if state.world > 1 and not last_micro else contextlib.nullcontext()
         with sync:
@@ -272,8 +281,11 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     :class:`morphcache.study.noise.TokenNoise`, never set by the ``train`` command.
 
     Raises:
-        ConfigError: a student that does not fit the store, a run directory of another config, bad options.
-        StoreError: an incomplete store without ``allow_partial``.
+        ConfigError, StoreNotFoundError, StoreError, MorphcacheError: as :func:`build_train_state` (all raised
+            before the first step).
+        MorphcacheError: during training, a source image the loader re-renders that changed since extraction
+            (content hash differs; :func:`~morphcache.extract.images.load_stored_image_bytes`)
+            or no longer decodes (``BadImageError``).
     """
     from morphcache.progress import progress_bar
 

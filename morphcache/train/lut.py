@@ -28,13 +28,14 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from morphcache.errors import ConfigError
 from morphcache.train.losses.lut_loss import byol_loss, lut_total_loss
 from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
-from morphcache.train.mae import MAEModel, keep_to_mask
+from morphcache.train.mae import MAEModel, keep_to_mask, random_scores
 
 
 class MLPHead(nn.Sequential):
@@ -58,12 +59,13 @@ def cosine_momentum(step: int, total_steps: int, start: float = 0.996, end: floa
 
 
 def disjoint_keep_sets(
-    batch: int, num_tokens: int, n_keep: int, generator: torch.Generator, device=None
+    batch: int, num_tokens: int, n_keep: int, rng: np.random.Generator, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint sorted keep sets per sample, each (B, n_keep) long, from one random permutation per sample."""
+    """Two disjoint sorted keep sets per sample, each (B, n_keep) long, from one random permutation per sample
+    drawn from the numpy generator ``rng`` (:func:`morphcache.train.mae.random_scores`)."""
     if n_keep < 1 or 2 * n_keep > num_tokens:
         raise ConfigError(f"LUT needs 1 <= 2 * n_keep <= T; got n_keep={n_keep}, T={num_tokens} (mask ratio >= 0.5)")
-    perm = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)
+    perm = random_scores(rng, batch, num_tokens).argsort(dim=1)
     keep1 = perm[:, :n_keep].sort(dim=1).values
     keep2 = perm[:, n_keep : 2 * n_keep].sort(dim=1).values
     return keep1.to(device), keep2.to(device)
@@ -97,7 +99,8 @@ class EMATeacher(nn.Module):
 
 
 class LUTLearner(nn.Module):
-    """MAE student + projector + predictor + EMA teacher. ``forward(x1, x2, generator) -> (loss, metrics)``."""
+    """MAE student + projector + predictor + EMA teacher. ``forward(x1, x2, rng) -> (loss, metrics)`` with ``rng``
+    the step's numpy generator (it draws the two disjoint keep sets)."""
 
     def __init__(
         self,
@@ -138,14 +141,15 @@ class LUTLearner(nn.Module):
         return self.teacher.parts["projector"](tokens.mean(dim=1))
 
     def forward(
-        self, x1: torch.Tensor, x2: torch.Tensor, generator: torch.Generator
+        self, x1: torch.Tensor, x2: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """x1, x2 (B, 3, S, S) two views of the same images -> (total loss, metrics)."""
+        """x1, x2 (B, 3, S, S) two views of the same images, ``rng`` the step's numpy generator (keep sets) ->
+        (total loss, metrics)."""
         if x1.shape != x2.shape:
             raise ConfigError(f"LUT views differ in shape: {tuple(x1.shape)} vs {tuple(x2.shape)}")
         b, t = x1.shape[0], self.model.num_tokens
         n_keep = max(1, int(round(t * (1.0 - self.model.mask_ratio))))
-        keep1, keep2 = disjoint_keep_sets(b, t, n_keep, generator, x1.device)
+        keep1, keep2 = disjoint_keep_sets(b, t, n_keep, rng, x1.device)
         l_mae, q1 = self._student_view(x1, keep1, reconstruct=True)  # the release reconstructs view 1 only
         _, q2 = self._student_view(x2, keep2, reconstruct=False)
         z1, z2 = self._teacher_target(x1), self._teacher_target(x2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from timm.models.vision_transformer import Block
@@ -43,18 +44,27 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat(parts, dim=1).float().unsqueeze(0)
 
 
+def random_scores(rng: np.random.Generator, batch: int, num_tokens: int) -> torch.Tensor:
+    """``torch.float64 (B, T)`` uniform [0, 1) scores from the numpy generator ``rng`` (CPU), whose per-row argsort
+    is a uniformly random permutation of the T positions. The one source of MAE / LUT random masks: the training
+    loop's per-micro-batch generator (see :mod:`morphcache.train.objectives`)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"random masking draws from a numpy.random.Generator, got {type(rng).__name__}")
+    return torch.from_numpy(rng.random((int(batch), int(num_tokens))))
+
+
 def random_masking(
-    batch: int, num_tokens: int, mask_ratio: float, generator: torch.Generator, device=None
+    batch: int, num_tokens: int, mask_ratio: float, rng: np.random.Generator, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random masking: ``(keep_idx (B, K) long sorted, mask (B, T) bool True = masked)``.
 
-    K = round(T * (1 - mask_ratio)), at least 1. Noise is drawn on the CPU from ``generator`` (reproducible on any
-    device) and moved to ``device``.
+    K = round(T * (1 - mask_ratio)), at least 1. The scores come from the numpy generator ``rng`` on the CPU
+    (:func:`random_scores`; reproducible on any device) and the results are moved to ``device``.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio={mask_ratio} must lie in [0, 1)")
     n_keep = max(1, int(round(num_tokens * (1.0 - mask_ratio))))
-    noise = torch.rand(batch, num_tokens, generator=generator)
+    noise = random_scores(rng, batch, num_tokens)
     keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
     return keep.to(device), keep_to_mask(keep, num_tokens).to(device)
 
@@ -146,9 +156,10 @@ class MAEModel(BackboneGrid, nn.Module):
         targets = self.target_head(features) if self.target_head is not None else None
         return MAEOutput(pixels=self.pixel_head(features), features=features, latent=latent, targets=targets)
 
-    def sample_keep(self, batch: int, generator: torch.Generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random ``mask_ratio`` masking for a batch: (keep_idx (B, K), mask (B, T) bool)."""
-        return random_masking(batch, self.num_tokens, self.mask_ratio, generator, device)
+    def sample_keep(self, batch: int, rng: np.random.Generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random ``mask_ratio`` masking for a batch from the numpy generator ``rng``:
+        (keep_idx (B, K) long, mask (B, T) bool, True = masked)."""
+        return random_masking(batch, self.num_tokens, self.mask_ratio, rng, device)
 
 
 def _init_decoder(module: nn.Module) -> None:

@@ -136,7 +136,7 @@ class BlockMaskGenerator:
         return torch.from_numpy(np.stack([self.generate(rng) for _ in range(batch_size)]))
 
 
-def block_mask_generator_from_config(config, grid: tuple[int, int]) -> BlockMaskGenerator:
+def build_block_mask_generator(config, grid: tuple[int, int]) -> BlockMaskGenerator:
     """The :class:`BlockMaskGenerator` a :class:`~morphcache.schemas.specs.RunConfig` asks for at ``grid``.
 
     ``mask_patches`` is scaled to the grid; ``mask_min_block`` / ``mask_max_block`` (None = the masked count) are

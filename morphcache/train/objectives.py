@@ -4,11 +4,24 @@ An :class:`Objective` is an ``nn.Module`` owning every trainable part (student, 
 LUT, the EMA teacher. ``objective(batch) -> (loss scalar tensor, metrics dict[str, float])`` with ``batch`` a dict:
 
 - ``images`` (B, 3, S, S) float, normalised student input (required);
+- ``rng``: the step's ``numpy.random.Generator`` (required by every built-in objective). The training loop makes
+  one per micro-batch, ``numpy.random.default_rng((config.seed, g, rank))`` with ``g`` the global micro-batch
+  index (``step * accum_steps + micro``), so a micro-batch's masks depend on nothing else: not on earlier steps,
+  not on a resume. It is the only source of the objectives' masks: DTM / token-wise draw their BEiT block masks
+  from it (``masker.batch(B, rng)``, the first draw), MAE / mae+dtm their random keep sets
+  (:func:`morphcache.train.mae.random_masking`) and LUT its two disjoint keep sets
+  (:func:`morphcache.train.lut.disjoint_keep_sets`). Objectives hold no mask generator of their own;
 - ``targets`` (B, T, D) cached teacher tokens (dtm, tokenwise, mae+dtm; absent for mae / lut);
 - ``images2`` (B, 3, S, S) second view of the same images (lut only);
-- ``mask`` (B, T) bool block mask (dtm, tokenwise). When absent the objective draws a BEiT block mask from its
-  own generator (seeded from ``config.seed``). MAE-based objectives ignore it: they draw 75% random masks and drop
-  the masked tokens from the encoder, which a BEiT block mask (38%) is not made for.
+- ``mask`` (B, T) bool, optional: a caller-chosen block mask (dtm, tokenwise) used instead of drawing one from
+  ``rng`` (benchmarks and tests that pin masks). MAE-based objectives ignore it: they draw 75% random masks and
+  drop the masked tokens from the encoder, which a BEiT block mask (38%) is not made for.
+
+The one other random draw is DTM's morphing case (n, k) per step (dtm and mae+dtm): it comes from the
+:class:`~morphcache.train.losses.dtm_loss.DTMLoss`'s own ``torch.Generator`` seeded with ``config.seed``, which the
+checkpoint saves and restores (and :func:`~morphcache.train.checkpoint.reseed_generators` gives each DDP rank its
+own stream); it stays there so that DTM runs keep drawing exactly the cases they always drew. Dropout / drop-path
+use torch's global RNG (checkpointed too).
 
 Names: ``dtm`` (DTM distillation, L morphing cases), ``tokenwise`` (DTM with n = 0), ``mae``, ``lut``, and
 ``mae+dtm``: MAE plus DTM distillation predicted from the *decoder*. The encoder never sees masked tokens, so a
@@ -26,6 +39,7 @@ The training loop: ``optimizer = AdamW(objective.param_groups(weight_decay))``; 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +50,7 @@ from morphcache.train.losses.mae_loss import mae_loss, pixel_targets
 from morphcache.train.losses.tokenwise_loss import tokenwise_loss
 from morphcache.train.lut import LUTLearner
 from morphcache.train.mae import MAEModel
-from morphcache.train.masking import block_mask_generator_from_config
+from morphcache.train.masking import build_block_mask_generator
 from morphcache.train.student import MIMStudent
 
 OBJECTIVES = ("dtm", "tokenwise", "mae", "lut", "mae+dtm")
@@ -49,23 +63,22 @@ class Objective(nn.Module):
 
     An objective says what it needs from the training loop, so the loop never tests objective names:
     ``needs_targets`` (the batch carries ``targets (B, T, D)``: cached, or from ``--teacher-online``),
-    ``needs_block_mask`` (the loop draws ``mask (B, T)`` with :attr:`masker` from a generator seeded by (seed,
-    micro-batch, rank)), ``needs_second_view`` (``images2``: a second view of each image), and :meth:`after_step`
-    (e.g. an EMA teacher update). New objectives register a factory ``(config, student, target_dim) ->
-    Objective`` with ``@morphcache.registries.objectives.register(NAME)``.
+    ``needs_second_view`` (``images2``: a second view of each image), and :meth:`after_step` (e.g. an EMA teacher
+    update). Every batch from the loop carries ``rng``, the micro-batch's ``numpy.random.Generator``: an
+    objective draws all its per-step randomness (masks) from it (:meth:`step_rng`), never from a generator of its
+    own, so a run is reproducible and resumable from the seed alone. New objectives register a factory
+    ``(config, student, target_dim) -> Objective`` with ``@morphcache.registries.objectives.register(NAME)``.
     """
 
     name: str = ""
     needs_targets: bool = False
-    needs_block_mask: bool = False
     needs_second_view: bool = False
-    masker = None  # a BlockMaskGenerator when needs_block_mask
+    masker = None  # a BlockMaskGenerator for objectives that draw BEiT block masks
 
-    def __init__(self, model: nn.Module | None, seed: int) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         if model is not None:
             self.model = model
-        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (0-based ``step``)."""
@@ -90,6 +103,18 @@ class Objective(nn.Module):
             raise ConfigError(f"objective '{name}' needs batch['{key}']; the loader did not provide it")
         return batch[key]
 
+    def step_rng(self, batch: dict) -> np.random.Generator:
+        """``batch["rng"]``, the step's numpy generator (see the module docstring).
+
+        Raises:
+            ConfigError: the batch has no ``rng`` or it is not a ``numpy.random.Generator``.
+        """
+        rng = batch.get("rng")
+        if not isinstance(rng, np.random.Generator):
+            raise ConfigError(f"objective '{self.name}' needs batch['rng'], the step's numpy.random.Generator "
+                              f"(got {type(rng).__name__}); run_training passes default_rng((seed, micro-batch, rank))")
+        return rng
+
 
 def normalize_targets(targets: torch.Tensor, mode: str) -> torch.Tensor:
     """(B, T, D) teacher tokens -> the tokens matching and morphing see: per-token LayerNorm without affine for
@@ -108,19 +133,19 @@ def _check_targets(targets: torch.Tensor, num_tokens: int, target_dim: int, name
 
 
 class DistillObjective(Objective):
-    """dtm / tokenwise: block-masked student predicts the cached target tokens at all T positions."""
+    """dtm / tokenwise: block-masked student predicts the cached target tokens at all T positions. The block mask
+    is ``batch["mask"]`` when given, else ``masker.batch(B, batch["rng"])`` (the first draw from the step's rng)."""
 
     needs_targets = True
-    needs_block_mask = True
 
     def __init__(self, name: str, config, student: MIMStudent, target_dim: int) -> None:
-        super().__init__(student, config.seed)
+        super().__init__(student)
         self.name = name
         self.target_dim = target_dim
         self.kind, self.beta = config.loss, config.smooth_l1_beta
         self.target_norm = config.target_norm
         self.dtm = DTMLoss.from_config(config, n_tokens=student.num_tokens) if name == "dtm" else None
-        self.masker = block_mask_generator_from_config(config, student.grid)
+        self.masker = build_block_mask_generator(config, student.grid)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._require(batch, "images", self.name)
@@ -129,7 +154,7 @@ class DistillObjective(Objective):
         targets = normalize_targets(targets, self.target_norm)
         mask = batch.get("mask")
         if mask is None:
-            mask = self.masker.batch(images.shape[0], self.generator)
+            mask = self.masker.batch(images.shape[0], self.step_rng(batch))
         pred = self.model(images, mask.to(images.device))
         if self.dtm is None:
             if self.target_norm == "morphed":  # no merges: every token is its own morphed token
@@ -141,10 +166,11 @@ class DistillObjective(Objective):
 
 
 class MAEObjective(Objective):
-    """mae and mae+dtm: 75% random masking, normalised-pixel reconstruction (+ DTM on decoder-predicted targets)."""
+    """mae and mae+dtm: 75% random masking drawn from ``batch["rng"]``, normalised-pixel reconstruction (+ DTM on
+    decoder-predicted targets)."""
 
     def __init__(self, name: str, config, model: MAEModel, target_dim: int | None) -> None:
-        super().__init__(model, config.seed)
+        super().__init__(model)
         self.name = name
         self.needs_targets = target_dim is not None  # mae+dtm distils the cached targets too
         self.target_dim = target_dim
@@ -154,7 +180,7 @@ class MAEObjective(Objective):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._require(batch, "images", self.name)
-        keep, mask = self.model.sample_keep(images.shape[0], self.generator, images.device)
+        keep, mask = self.model.sample_keep(images.shape[0], self.step_rng(batch), images.device)
         out = self.model(images, keep)
         l_mae = mae_loss(out.pixels, pixel_targets(images, self.model.patch_size, self.model.norm_pix), mask)
         if self.dtm is None:
@@ -167,13 +193,14 @@ class MAEObjective(Objective):
 
 
 class LUTObjective(Objective):
-    """lut: MAE + BYOL loss on unmasked tokens against an EMA teacher (see :mod:`morphcache.train.lut`)."""
+    """lut: MAE + BYOL loss on unmasked tokens against an EMA teacher (see :mod:`morphcache.train.lut`); the two
+    disjoint keep sets come from ``batch["rng"]``."""
 
     name = "lut"
     needs_second_view = True
 
     def __init__(self, config, learner: LUTLearner) -> None:
-        super().__init__(None, config.seed)
+        super().__init__(None)
         self.learner = learner
 
     @property
@@ -183,7 +210,7 @@ class LUTObjective(Objective):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         x1 = self._require(batch, "images", self.name)
         x2 = self._require(batch, "images2", self.name)
-        loss, metrics = self.learner(x1, x2, self.generator)
+        loss, metrics = self.learner(x1, x2, self.step_rng(batch))
         return loss, {"loss": float(loss.detach()), **metrics}
 
     def after_step(self, step: int, total_steps: int) -> None:

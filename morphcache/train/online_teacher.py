@@ -23,9 +23,9 @@ class OnlineTeacher:
 
     def __init__(self, store_spec, device: str | torch.device = "cpu", precision: str = "fp32",
                  weights: str | None = None) -> None:
-        from morphcache.extract.engine import teacher_from_spec
+        from morphcache.extract.engine import load_store_teacher
 
-        self.teacher = teacher_from_spec(store_spec.teacher, device=str(device), precision=precision, weights=weights)
+        self.teacher = load_store_teacher(store_spec.teacher, device=str(device), precision=precision, weights=weights)
         check_online_teacher(store_spec, self.teacher.spec)
         self.size = int(store_spec.teacher.image_size)
         self.mean = tuple(store_spec.teacher.mean)

@@ -226,7 +226,11 @@ def create_student(
     drop_path: float = 0.0,
     patch_size: int | None = None,
 ) -> MIMStudent:
-    """A randomly initialised :class:`MIMStudent` (BEiT-style: layer scale 0.1 by default)."""
+    """A randomly initialised :class:`MIMStudent` (BEiT-style: layer scale 0.1 by default).
+
+    Raises:
+        ConfigError: an unknown or unsupported architecture (:func:`create_backbone`).
+    """
     return MIMStudent(create_backbone(model_name, img_size, layer_scale, drop_path, patch_size), target_dim)
 
 
@@ -248,6 +252,10 @@ def load_student_backbone(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict
 
     Returns ``(backbone in eval mode on CPU, info)``; ``info`` holds every checkpoint key except ``model``, plus
     ``model_name``, ``patch_size``, ``grid`` and ``width``.
+
+    Raises:
+        MorphcacheError: no file at ``ckpt_path``, not a loadable torch checkpoint, not a dict, missing keys, no
+            model name in its config, or no ViT backbone weights in ``model``.
     """
     path = os.fspath(ckpt_path)
     if not os.path.isfile(path):

@@ -78,9 +78,10 @@ def dtm_loss(
 
 
 class DTMLoss:
-    """Samples one (n in [0, N], k in [1, K]) per case range per call from its own generator (once per step, whole
-    batch) and returns :func:`dtm_loss`. The released rule's budget is the first case's N (naver-ai/dtm compares
-    with ``n1`` for both cases)."""
+    """Samples one (n in [0, N], k in [1, K]) per case range per call from its own ``torch.Generator`` (seeded with
+    ``seed``, checkpointed with the run; the one objective RNG besides the loop's per-step ``rng``, see
+    :mod:`morphcache.train.objectives`) once per step for the whole batch, and returns :func:`dtm_loss`. The
+    released rule's budget is the first case's N (naver-ai/dtm compares with ``n1`` for both cases)."""
 
     def __init__(
         self,
