@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     from morphcache.extract.pipeline import ExtractOptions
     from morphcache.extract.engine import load_teacher_by_name, cpu_count
     from morphcache.extract.store_setup import create_store, plan_store
-    from morphcache.extract.renderers import make_renderer
+    from morphcache.extract.renderers import build_teacher_renderer
     from morphcache.extract.views import ViewSampler
 
     cores = cpu_count()
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         teacher = load_teacher_by_name(args.teacher, image_size=args.image_size)
         teacher_load = time.perf_counter() - t0
         spec, table = plan_store(opts, teacher.spec)
-        renderer = make_renderer(spec.teacher, spec.augment, B, 1)
+        renderer = build_teacher_renderer(spec.teacher, spec.augment, B, 1)
         sampler = ViewSampler(spec.augment, spec.seed)
         root = Path(spec.dataset_root)
         n_views = len(table) * V

@@ -135,7 +135,7 @@ def test_an_image_dali_rejects_late_is_skipped_without_losing_its_batch(zoo, tmp
     """If DALI fails on an image that passed the checks, that image is marked corrupt and the rest still renders."""
     from morphcache.errors import BadImageError
     from morphcache.extract.manifest import build_manifest
-    from morphcache.extract.renderers import make_renderer
+    from morphcache.extract.renderers import build_teacher_renderer
     from morphcache.extract.views import ViewSampler
     from morphcache.extract.workers import BatchRenderer, ChunkSource
     from morphcache.schemas import AugmentSpec, TeacherSpec
@@ -152,7 +152,7 @@ def test_an_image_dali_rejects_late_is_skipped_without_losing_its_batch(zoo, tmp
 
         def __init__(self):
             spec = TeacherSpec(kind="timm", name="t", image_size=32, patch_size=16, dim=8, pooled_dim=8)
-            self.inner = make_renderer(spec, AugmentSpec(), 4, 1)
+            self.inner = build_teacher_renderer(spec, AugmentSpec(), 4, 1)
 
         def render(self, enc, params):
             for k, e in enumerate(enc):

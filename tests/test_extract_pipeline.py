@@ -132,7 +132,7 @@ def test_shard_syntax_is_checked(data, tmp_path, capsys):
 
 def test_teacher_sees_fixed_size_batches(reference):
     """6 rows per chunk with batch 4: every rendered batch is (4, 3, 32, 32), the last padded."""
-    from morphcache.extract.renderers import make_renderer
+    from morphcache.extract.renderers import build_teacher_renderer
     from morphcache.extract.views import ViewSampler
     from morphcache.extract.workers import BatchRenderer, ChunkSource
     from morphcache.store.feature_store import FeatureStore
@@ -141,10 +141,10 @@ def test_teacher_sees_fixed_size_batches(reference):
     spec = store.spec
     source = ChunkSource(spec.dataset_root, store.image_table(), ViewSampler(spec.augment, spec.seed), 2, 3)
     plan, encoded = source.load_chunk(4)  # the last chunk: 2 images, 4 rows
-    batches = list(BatchRenderer(make_renderer(spec.teacher, spec.augment, 4, 1), 4).batches(plan, encoded))
+    batches = list(BatchRenderer(build_teacher_renderer(spec.teacher, spec.augment, 4, 1), 4).batches(plan, encoded))
     assert [tuple(b.images.shape) for b in batches] == [(4, 3, 32, 32)]
     plan, encoded = source.load_chunk(0)  # 3 images, 6 rows -> 4 + (2 real + 2 padding)
-    batches = list(BatchRenderer(make_renderer(spec.teacher, spec.augment, 4, 1), 4).batches(plan, encoded))
+    batches = list(BatchRenderer(build_teacher_renderer(spec.teacher, spec.augment, 4, 1), 4).batches(plan, encoded))
     assert [tuple(b.images.shape) for b in batches] == [(4, 3, 32, 32)] * 2
     assert [b.rows.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5]]
     assert np.array_equal(batches[1].images[2].numpy(), batches[1].images[1].numpy())  # pad repeats the last row

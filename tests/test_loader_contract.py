@@ -10,7 +10,7 @@ from morphcache.errors import ConfigError
 from morphcache.extract.renderers import dali_available
 from morphcache.testing.contracts import TrainLoaderContract
 from morphcache.train.loader import LoaderOptions, RenderSpec
-from morphcache.train.torch_loader import make_loader  # registers the built-in loaders
+from morphcache.train.torch_loader import build_loader  # registers the built-in loaders
 
 #: loaders that need an optional dependency: name -> whether it is importable here.
 _NEEDS = {"dali": dali_available}
@@ -25,7 +25,7 @@ class TestRegisteredLoader(TrainLoaderContract):
         kind = request.param
         if not _NEEDS.get(kind, lambda: True)():
             pytest.skip(f"loader {kind!r} needs a package that is not importable here")
-        return lambda options: make_loader(kind, options)
+        return lambda options: build_loader(kind, options)
 
 
 def test_builtin_loaders_are_registered():
@@ -44,9 +44,9 @@ def test_loader_options_are_validated(tmp_path):
         with pytest.raises(ConfigError, match=match):
             LoaderOptions(store, sampler, render, **bad)
     with pytest.raises(ConfigError, match="LoaderOptions"):
-        make_loader("torch", store)  # the old loose-argument call is a one-line error
+        build_loader("torch", store)  # the old loose-argument call is a one-line error
     with pytest.raises(ConfigError, match="unknown loader 'nope'"):
-        make_loader("nope", LoaderOptions(store, sampler, render))
+        build_loader("nope", LoaderOptions(store, sampler, render))
 
 
 def test_loader_options_for_a_run(tmp_path):

@@ -184,13 +184,13 @@ def test_torch_fallback_serves_the_same_batches(store):
     """Same rows and targets exactly; PIL pixels within the renderer tolerance measured against DALI."""
     from morphcache.extract.render_fidelity import pixel_differences
     from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec
-    from morphcache.train.torch_loader import make_loader
+    from morphcache.train.torch_loader import build_loader
 
     t = store.spec.teacher
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=4, seed=1)
     render = RenderSpec(64, t.mean, t.std)
     dali = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, start_step=1, workers=1)), 2)
-    fallback = _take(make_loader("torch", LoaderOptions(store, sampler, render, start_step=1, workers=0)), 2)
+    fallback = _take(build_loader("torch", LoaderOptions(store, sampler, render, start_step=1, workers=0)), 2)
     for a, b in zip(dali, fallback):
         assert torch.equal(a.rows, b.rows) and torch.equal(a.targets, b.targets)
         diff = pixel_differences(a.images, b.images, t.std)  # 8-bit pixel units

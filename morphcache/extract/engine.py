@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from morphcache.errors import ConfigError
-from morphcache.extract.renderers import make_renderer, renderer_placement
+from morphcache.extract.renderers import build_teacher_renderer, renderer_placement
 from morphcache.extract.workers import (BatchRendered, BatchRenderer, ChunkFinished, ChunkSource, ChunkStarted,
                                         RenderStage)
 from morphcache.extract.writer import AsyncWriter, ChunkResult
@@ -173,7 +173,7 @@ class ChunkExtractor:
     def renderer(self, spec) -> BatchRenderer:
         key = (spec.teacher.image_size, spec.teacher.mean, spec.teacher.std, spec.augment.interpolation)
         if self._renderer is None or self._renderer_key != key:
-            self._renderer = BatchRenderer(make_renderer(spec.teacher, spec.augment, self.batch_size, self.workers,
+            self._renderer = BatchRenderer(build_teacher_renderer(spec.teacher, spec.augment, self.batch_size, self.workers,
                                                          self.renderer_name, str(self.teacher.device)),
                                            self.batch_size)
             self._renderer_key = key

@@ -57,7 +57,7 @@ def build_renderer(renderer: str, size: int, mean, std, interpolation: str, batc
                         num_threads=max(1, workers), device=where, device_id=index)
 
 
-def make_renderer(teacher_spec, augment, batch_size: int, workers: int, renderer: str = "dali", device: str = "cpu"):
+def build_teacher_renderer(teacher_spec, augment, batch_size: int, workers: int, renderer: str = "dali", device: str = "cpu"):
     """The extraction renderer at the teacher's input size (one output), ``workers`` CPU threads."""
     return build_renderer(renderer, teacher_spec.image_size, teacher_spec.mean, teacher_spec.std,
                           augment.interpolation, batch_size, workers, device)

@@ -116,7 +116,7 @@ def _reference_views(store, rows: np.ndarray, size: int, mean, std, interpolatio
 class TrainLoaderContract:
     """What the training loop relies on from a training loader (an entry of ``registries.loaders``).
 
-    Subclasses implement :meth:`make_loader` (``LoaderOptions -> TrainLoader``) or override the class-scoped
+    Subclasses implement :meth:`build_loader` (``LoaderOptions -> TrainLoader``) or override the class-scoped
     ``make`` fixture (``tests/test_loader_contract.py`` parametrizes it over ``registries.loaders``, so a
     registered plug-in loader runs the contract with no test edit). The store is
     :func:`~morphcache.testing.stores.make_image_store` (``n_images`` images of ``views`` views, real PNGs,
@@ -133,13 +133,13 @@ class TrainLoaderContract:
     pixel_mean_tolerance = 0.01
     pixel_max_tolerance = 0.5
 
-    def make_loader(self, options):
+    def build_loader(self, options):
         raise NotImplementedError
 
     @pytest.fixture(scope="class")
     @classmethod
     def make(cls):
-        return cls().make_loader
+        return cls().build_loader
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -291,7 +291,7 @@ class RendererContract:
     """What extraction, replay and the loaders rely on from a view renderer (``render(encoded, params) ->
     [float32 (B, 3, S, S)]``, one output size, on the CPU here).
 
-    Subclasses implement :meth:`make_renderer` or override the class-scoped ``make`` fixture
+    Subclasses implement :meth:`build_renderer` or override the class-scoped ``make`` fixture
     (``(size, mean, std, interpolation, batch_size) -> renderer``). The reference is DALI on the CPU (the
     definition of a view); tests against it skip when DALI is not importable.
     """
@@ -303,13 +303,13 @@ class RendererContract:
     pixel_max_tolerance = 0.1
     RAW = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave pixels in [0, 1]
 
-    def make_renderer(self, size, mean, std, interpolation, batch_size):
+    def build_renderer(self, size, mean, std, interpolation, batch_size):
         raise NotImplementedError
 
     @pytest.fixture(scope="class")
     @classmethod
     def make(cls):
-        return cls().make_renderer
+        return cls().build_renderer
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -6,7 +6,7 @@ Two uses:
   ``python -m MODULE`` for ``nproc=0``) in its own session with ``OMP_NUM_THREADS=1``, kills the whole process
   group on timeout, and returns the ``CompletedProcess``.
 - ``python -m morphcache.testing.ddp ROWS_DIR train ...`` is ``python -m morphcache train ...`` with one addition: the
-  training loader returned by ``morphcache.train.torch_loader.make_loader`` (both the DALI and the torch loader go
+  training loader returned by ``morphcache.train.torch_loader.build_loader`` (both the DALI and the torch loader go
   through it) is wrapped so that every micro-batch the training loop takes appends its store rows as one JSON list
   line to ``ROWS_DIR/rank{RANK}.jsonl``. Line ``i`` is the ``i``-th micro-batch consumed by that rank.
 """
@@ -59,7 +59,7 @@ def read_rows(rows_dir: Path, rank: int) -> list[list[int]]:
 def _install_row_recorder(rows_dir: Path) -> None:
     from morphcache.train import torch_loader
 
-    original = torch_loader.make_loader
+    original = torch_loader.build_loader
     path = rows_dir / f"rank{int(os.environ.get('RANK', '0'))}.jsonl"
 
     class _Recording:
@@ -75,10 +75,10 @@ def _install_row_recorder(rows_dir: Path) -> None:
         def close(self) -> None:
             self.inner.close()
 
-    def make_loader(*args, **kwargs):
+    def build_loader(*args, **kwargs):
         return _Recording(original(*args, **kwargs))
 
-    torch_loader.make_loader = make_loader  # run_training imports it at call time
+    torch_loader.build_loader = build_loader  # run_training imports it at call time
 
 
 if __name__ == "__main__":

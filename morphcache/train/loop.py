@@ -159,7 +159,7 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
     from morphcache.store.feature_store import FeatureStore
     from morphcache.train.objectives import build_objective
     from morphcache.train.student import create_student
-    from morphcache.train.torch_loader import make_loader
+    from morphcache.train.torch_loader import build_loader
 
     out_dir = Path(out_dir)
     rank, world, device = _init_distributed(device)
@@ -208,7 +208,7 @@ def build_train_state(config: RunConfig, out_dir: str | os.PathLike, resume: boo
                                     start_step=state.step * config.accum_steps,
                                     read_targets=objective.needs_targets and state.teacher is None,
                                     image_root=image_root, target_device=str(device) if device.type == "cuda" else None)
-    state.loader = make_loader(config.loader, options)
+    state.loader = build_loader(config.loader, options)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 

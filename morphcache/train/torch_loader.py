@@ -132,7 +132,7 @@ def _dali_loader(options: LoaderOptions) -> TrainLoader:
     return DaliTrainLoader(options)
 
 
-def make_loader(kind: str, options: LoaderOptions) -> TrainLoader:
+def build_loader(kind: str, options: LoaderOptions) -> TrainLoader:
     """The registered training loader ``kind`` (``dali``, ``torch``, or one a plug-in registered with
     ``@morphcache.registries.loaders.register``) built from ``options``. A registered loader is a function
     ``(options: LoaderOptions) -> TrainLoader`` (see :class:`~morphcache.train.loader.TrainLoader`); a new one
@@ -143,5 +143,5 @@ def make_loader(kind: str, options: LoaderOptions) -> TrainLoader:
         ConfigError: no loader is registered under ``kind``, or ``options`` is not a ``LoaderOptions``.
     """
     if not isinstance(options, LoaderOptions):
-        raise ConfigError(f"make_loader takes one LoaderOptions, got {type(options).__name__}")
+        raise ConfigError(f"build_loader takes one LoaderOptions, got {type(options).__name__}")
     return registries.lookup(registries.loaders, kind)(options)
