@@ -7,7 +7,10 @@ description as help and its default shown; ``--config run.yaml`` (YAML or JSON, 
 the model, and an invalid file or value is one line naming the field, the value and what is allowed
 (:class:`~morphcache.errors.ConfigError`, exit 2). A field whose command-line form differs from its type says so
 with ``Field(json_schema_extra={"cli_type": "str"})`` (e.g. ``--shard I/N`` for a ``(I, N)`` tuple, parsed by the
-model's validator); ``{"cli_flags": "--projected/--unprojected"}`` names a boolean's two flags.
+model's validator); ``{"cli_flags": "--projected/--unprojected"}`` names a boolean's two flags, and a list
+(``["--checkpoint", "-c"]``) gives an option several spellings. ``{"cli_registry": "datasets"}`` appends the names
+registered in that :mod:`morphcache.registries` registry to the help text (import the module that registers the
+built-ins before the command is decorated).
 
     @options_from_model(RunConfig, exclude={"schema_version"})
     def train_command(values: dict, out: Annotated[Path, typer.Option()], ...) -> int:
@@ -52,6 +55,16 @@ def _option_type(annotation) -> tuple[Any, str]:
     return str, ""
 
 
+def _registered(registry_name: str | None) -> str:
+    """``"registered: a | b"`` for a field marked ``json_schema_extra={"cli_registry": "losses"}`` (a registry of
+    :mod:`morphcache.registries`; its entries at the time the command is built), else ``""``."""
+    if not registry_name:
+        return ""
+    from morphcache import registries
+
+    return "registered: " + " | ".join(registries.names(getattr(registries, registry_name)))
+
+
 def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = ()) -> list[inspect.Parameter]:
     """One keyword-only typer option per field of ``model`` (not in ``exclude``), each defaulting to None (= not
     given on the command line, so the file's value or the model's default applies)."""
@@ -63,10 +76,13 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
         kind, allowed = _option_type(_CLI_TYPES[extra["cli_type"]] if "cli_type" in extra else field.annotation)
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=False)
-        notes = [n for n in (field.description, allowed) if n]
+        if isinstance(default, list) and kind is str:  # a list typed as one string on the command line
+            default = ",".join(map(str, default))
+        notes = [n for n in (field.description, allowed, _registered(extra.get("cli_registry"))) if n]
         help_text = "; ".join(notes) + (" (required)" if field.is_required() else
                                         f" (default: {default})" if default is not None else "")
-        decls = [extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)]
+        flags = extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)
+        decls = list(flags) if isinstance(flags, (list, tuple)) else [flags]
         option = typer.Option(*decls, help=help_text, show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Annotated[typing.Optional[kind], option], default=None))

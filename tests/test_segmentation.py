@@ -187,8 +187,10 @@ def test_ade20k_refuses_bad_trees_with_one_line(tmp_path):
         load_seg_dataset(f"ade20k:{base}?ignore=0")
     with pytest.raises(MorphcacheError, match="does not exist"):
         load_seg_dataset(f"ade20k:{tmp_path / 'nope'}")
-    with pytest.raises(MorphcacheError, match="unknown segmentation dataset"):
+    with pytest.raises(MorphcacheError, match="'digits' is not a segmentation dataset"):
         load_seg_dataset("digits")
+    with pytest.raises(MorphcacheError, match="unknown dataset 'nope'; registered: ade20k, .*seg-folder"):
+        load_seg_dataset("nope:/x")
 
 
 def test_ade20k_value_above_150_is_refused(tmp_path):
@@ -367,8 +369,8 @@ def test_segment_command_refuses_bad_input_with_exit_2(tmp_path, capsys):
                  "--dataset", f"seg-folder:{tmp_path / 'nope'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     _fake_ade20k(tmp_path / "ade", 1, 1)
-    for flag, msg in (("--layers=0", "--layers must be at least 1"), ("--label-size=0", "--label-size must be "
-                                                                         "positive")):
+    for flag, msg in (("--layers=0", "--layers: Input should be greater than or equal to 1 (got 0)"),
+                      ("--label-size=0", "--label-size: Input should be greater than 0 (got 0)")):
         assert main(["eval", "segment", "--checkpoint", "random:vit_tiny_patch16_224", "--img-size", "32",
                      "--dataset", f"ade20k:{tmp_path / 'ade'}", "--results", str(tmp_path / "r.jsonl"), flag]) == 2
         assert msg in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Labelled evaluation datasets as uint8 RGB arrays, parsed from a one-string SPEC.
 
-SPEC forms (optional query ``?train=N&test=M&seed=S`` subsamples each split, stratified and seeded):
+A SPEC's kind (the text before ``:`` / ``?``) names a loader registered in :data:`morphcache.registries.datasets`
+(``(spec, image_size) -> DatasetSplits``; a new dataset is one function plus
+``@morphcache.registries.datasets.register("kind")``). Built-in SPEC forms (optional query
+``?train=N&test=M&seed=S`` subsamples each split, stratified and seeded):
 
 - ``fashion-mnist[:DIR]``: idx files (``.gz`` or plain), default DIR ``$MORPHCACHE_FASHION_MNIST`` or else
   ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``), see :func:`fashion_mnist_dir`;
@@ -28,7 +31,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from morphcache.errors import MorphcacheError
+from morphcache import registries
+from morphcache.errors import ConfigError, MorphcacheError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 #: Environment variable that points ``fashion-mnist`` (and ``morphcache demo``) at another idx folder.
@@ -302,25 +306,45 @@ def parse_dataset_spec(spec: str, keys: Collection[str] = _QUERY_KEYS) -> tuple[
     return kind.strip().lower(), (arg if sep else None), params
 
 
+def dataset_kind(spec: str) -> str:
+    """The registry key of a SPEC: its text before ``:`` and ``?``, stripped and lower-cased
+    (``'folder:/d?train=3'`` -> ``'folder'``)."""
+    return spec.partition("?")[0].partition(":")[0].strip().lower()
+
+
+def load_any_dataset(spec: str, image_size: int = 224):
+    """The dataset of ``spec`` from the loader registered under its kind in :data:`morphcache.registries.datasets`
+    (a classification :class:`DatasetSplits` or a segmentation :class:`~morphcache.evaluate.seg_datasets.SegDataset`).
+
+    Raises:
+        ConfigError: nothing is registered under the kind (the message lists what is).
+        MorphcacheError: the loader's own checks (missing folder, bad option, ...).
+    """
+    import morphcache.evaluate.seg_datasets  # noqa: F401  (registers ade20k and seg-folder)
+
+    return registries.lookup(registries.datasets, dataset_kind(spec))(spec, image_size)
+
+
 def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
-    """Load ``spec`` (see module doc). ``image_size`` only matters for ``folder:`` (decoded square side)."""
-    kind, arg, params = parse_dataset_spec(spec)
+    """Load the classification dataset ``spec`` (see module doc; any kind registered in
+    :data:`morphcache.registries.datasets`). ``image_size`` only matters for loaders that decode to a fixed side
+    (``folder:``).
+
+    Raises:
+        ConfigError: an unregistered kind (the message lists what is registered), or a segmentation dataset.
+        MorphcacheError: the loader's own checks.
+    """
+    data = load_any_dataset(spec, image_size)
+    if not isinstance(data, DatasetSplits):
+        raise ConfigError(f"dataset {spec!r} is not a classification dataset ({type(data).__name__}); use it with "
+                          "eval segment")
+    return data
+
+
+def _splits(spec: str, train, test, classes, params: dict, skipped=()) -> DatasetSplits:
+    """A :class:`DatasetSplits` of ``(images, labels)`` pairs, subsampled per the SPEC's ``train`` / ``test`` /
+    ``seed`` query (stratified; the test split with seed + 1)."""
     n_train, n_test, seed = params.get("train"), params.get("test"), params.get("seed", 0)
-    if kind in ("folder", "cifar10", "cifar100") and not arg:
-        raise MorphcacheError(f"dataset spec {spec!r} needs a folder: {kind}:DIR")
-    if kind == "fashion-mnist":
-        train, test, classes = _load_fashion_mnist(Path(arg).expanduser() if arg else fashion_mnist_dir())
-    elif kind == "digits":
-        train, test, classes = _load_digits()
-    elif kind in ("cifar10", "cifar100"):
-        train, test, classes = _load_cifar(Path(arg).expanduser(), hundred=kind == "cifar100")
-    elif kind == "folder":
-        train, test, classes, skipped = _load_folder(Path(arg).expanduser(), image_size, n_train, n_test, seed)
-        n_train = n_test = None  # already subsampled before decoding
-    else:
-        raise MorphcacheError(f"unknown dataset {kind!r} in {spec!r}; use fashion-mnist[:DIR], digits, cifar10:DIR, "
-                              "cifar100:DIR or folder:DIR")
-    skipped = skipped if kind == "folder" else []
     (x_tr, y_tr), (x_te, y_te) = train, test
     if n_train is not None:
         keep = stratified_subset(y_tr, n_train, seed)
@@ -329,3 +353,47 @@ def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
         keep = stratified_subset(y_te, n_test, seed + 1)
         x_te, y_te = x_te[keep], y_te[keep]
     return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), spec, tuple((str(p), r) for p, r in skipped))
+
+
+def _folder_arg(spec: str, kind: str, arg: str | None) -> Path:
+    if not arg:
+        raise MorphcacheError(f"dataset spec {spec!r} needs a folder: {kind}:DIR")
+    return Path(arg).expanduser()
+
+
+@registries.datasets.register("fashion-mnist")
+def fashion_mnist(spec: str, image_size: int = 224) -> DatasetSplits:
+    """``fashion-mnist[:DIR]``: the idx files in DIR (default :func:`fashion_mnist_dir`)."""
+    _, arg, params = parse_dataset_spec(spec)
+    return _splits(spec, *_load_fashion_mnist(Path(arg).expanduser() if arg else fashion_mnist_dir()), params)
+
+
+@registries.datasets.register("digits")
+def digits(spec: str, image_size: int = 224) -> DatasetSplits:
+    """``digits``: scikit-learn's 8x8 digits, a fixed stratified 75/25 split."""
+    _, _, params = parse_dataset_spec(spec)
+    return _splits(spec, *_load_digits(), params)
+
+
+@registries.datasets.register("cifar10")
+def cifar10(spec: str, image_size: int = 224) -> DatasetSplits:
+    """``cifar10:DIR``: the python-pickle batches."""
+    kind, arg, params = parse_dataset_spec(spec)
+    return _splits(spec, *_load_cifar(_folder_arg(spec, kind, arg), hundred=False), params)
+
+
+@registries.datasets.register("cifar100")
+def cifar100(spec: str, image_size: int = 224) -> DatasetSplits:
+    """``cifar100:DIR``: the python-pickle batches (fine labels)."""
+    kind, arg, params = parse_dataset_spec(spec)
+    return _splits(spec, *_load_cifar(_folder_arg(spec, kind, arg), hundred=True), params)
+
+
+@registries.datasets.register("folder")
+def folder(spec: str, image_size: int = 224) -> DatasetSplits:
+    """``folder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test`` (or ``val``), subsampled before decoding, decoded
+    to ``image_size`` squares."""
+    kind, arg, params = parse_dataset_spec(spec)
+    train, test, classes, skipped = _load_folder(_folder_arg(spec, kind, arg), image_size, params.get("train"),
+                                                 params.get("test"), params.get("seed", 0))
+    return _splits(spec, train, test, classes, {}, skipped)  # already subsampled before decoding

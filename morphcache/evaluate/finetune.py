@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,29 +22,9 @@ from torch import nn
 from morphcache.errors import ConfigError
 from morphcache.evaluate.features import autocast_context, map_batches, prepare_images
 from morphcache.evaluate.knn import topk_accuracy
+from morphcache.evaluate.settings import FinetuneConfig
 from morphcache.progress import progress_bar
 from morphcache.train.schedule import lr_at
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.1
-    crop_scale: float = 0.35
-    hflip: float = 0.5
-    max_steps: int | None = None
-    precision: str = "fp32"
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Classifier(nn.Module):

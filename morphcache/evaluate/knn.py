@@ -6,23 +6,12 @@ for its label with weight ``exp(sim / T)``; class scores are the summed votes. D
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from morphcache.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    k: int = 20
-    temperature: float = 0.07
-    chunk_size: int = 1024
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from morphcache.evaluate.settings import KnnConfig
 
 
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

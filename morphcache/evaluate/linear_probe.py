@@ -6,29 +6,14 @@ a few epochs (AdamW by default; SGD with momentum as an alternative), cosine lea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import nn
 
 from morphcache.errors import ConfigError
 from morphcache.evaluate.knn import topk_accuracy
+from morphcache.evaluate.settings import LinearProbeConfig
 from morphcache.train.schedule import lr_at
-
-
-@dataclass(frozen=True)
-class LinearProbeConfig:
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_probe(in_features: int, n_classes: int) -> nn.Sequential:

@@ -1,6 +1,7 @@
 """Run evaluation protocols and record each result as one JSON line.
 
-A row: ``protocol`` (knn / linear / finetune, or ``segment`` from :mod:`morphcache.evaluate.segmentation`),
+A row: ``protocol`` (a name registered in :data:`morphcache.registries.protocols`: knn / linear / finetune /
+segment built in, see :mod:`morphcache.evaluate.protocols`),
 ``dataset`` (the SPEC), ``backbone`` (the SPEC) and ``backbone_info``, ``config`` (protocol settings plus image
 size, pooling, split sizes), ``metrics`` (percent ``top1``, ``top5``...; ``miou``, ``pixel_acc``... for segment),
 optional ``transfer_from``, ``seconds``, ``timestamp`` (UTC ISO) and ``morphcache_version``. Files are appended
@@ -13,29 +14,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from morphcache import registries
 from morphcache.errors import ConfigError, MorphcacheError
-from morphcache.evaluate.finetune import FinetuneConfig, finetune
-from morphcache.evaluate.knn import KnnConfig, knn_evaluate
-from morphcache.evaluate.linear_probe import LinearProbeConfig, linear_probe_evaluate
-
-PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune")
-
-
-@dataclass
-class EvalSettings:
-    """Everything a protocol run needs besides the backbone and the data."""
-
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    batch_size: int = 64
-    precision: str = "fp32"
-    device: str = "cpu"
+from morphcache.evaluate.settings import EvalSettings
 
 
 def append_result(path: str | os.PathLike, row: dict) -> dict:
@@ -83,52 +68,43 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _base_config(backbone, data, settings: EvalSettings) -> dict:
-    return {"img_size": backbone.img_size, "pooling": backbone.pooling, "batch_size": settings.batch_size,
-            "precision": settings.precision, "n_train": int(len(data.train_labels)),
-            "n_test": int(len(data.test_labels)), "n_classes": data.n_classes}
-
-
 def run_protocols(protocols: Iterable[str], backbone, data, settings: EvalSettings | None = None,
-                  transfer_from: str | None = None) -> list[dict]:
-    """Run each protocol on ``data`` (a :class:`DatasetSplits`); frozen features are extracted once and shared by
-    k-NN and the linear probe. Returns the rows (not yet written)."""
-    from morphcache.evaluate.features import split_features
+                  transfer_from: str | None = None, artifacts: dict | None = None) -> list[dict]:
+    """Run each protocol, looked up by name in :data:`morphcache.registries.protocols` (see
+    :mod:`morphcache.evaluate.protocols`), on ``data`` (a :class:`~morphcache.evaluate.datasets.DatasetSplits`, or
+    a :class:`~morphcache.evaluate.seg_datasets.SegDataset` for ``segment``); frozen features are extracted once
+    and shared by k-NN and the linear probe. Returns the rows (not yet written); each protocol's
+    ``ProtocolResult.artifacts`` go to ``artifacts[name]`` when a dict is passed.
+
+    Raises:
+        ConfigError: no protocol, a name that is not registered (the message lists what is), data of the wrong
+            kind for a protocol, or a protocol that does not return a ProtocolResult.
+    """
+    from morphcache.evaluate.protocols import ProtocolResult  # also registers the built-in protocols
 
     settings = settings or EvalSettings()
     protocols = list(protocols)
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or not protocols:
-        raise ConfigError(f"unknown protocol(s) {unknown or protocols}; use {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise ConfigError(f"no protocol given; registered: {', '.join(registries.names(registries.protocols))}")
+    functions = [registries.lookup(registries.protocols, p) for p in protocols]  # every name checked up front
     skipped = data.skipped_line() if hasattr(data, "skipped_line") else None
     if skipped:  # files of a folder: dataset that were left out, named once before the protocols run
         print(f"morphcache: {skipped}", file=sys.stderr)
-    features = None
+    shared: dict = {}
     rows = []
-    for protocol in protocols:
+    for protocol, run in zip(protocols, functions):
         start = time.perf_counter()
-        config = _base_config(backbone, data, settings)
-        if protocol in ("knn", "linear"):
-            if features is None:
-                features = split_features(backbone, data, settings.batch_size, settings.precision, settings.device)
-            train_f, test_f = features
-            config["feature_dim"] = int(train_f.shape[1])
-            if protocol == "knn":
-                config.update(settings.knn.to_dict())
-                metrics = knn_evaluate(train_f, data.train_labels, test_f, data.test_labels, data.n_classes,
-                                       settings.knn)
-            else:
-                config.update(settings.linear.to_dict())
-                metrics = linear_probe_evaluate(train_f, data.train_labels, test_f, data.test_labels,
-                                                data.n_classes, settings.linear)
-        else:
-            config.update(settings.finetune.to_dict())
-            metrics = finetune(backbone, data, settings.finetune, settings.device, settings.batch_size).metrics
+        result = run(backbone, data, settings, shared)
+        if not isinstance(result, ProtocolResult):
+            raise ConfigError(f"protocol {protocol!r} returned {type(result).__name__}, not a ProtocolResult; see "
+                              "morphcache.evaluate.protocols")
         row = {"protocol": protocol, "dataset": data.name, "backbone": backbone.spec,
-               "backbone_info": backbone.describe(), "config": config, "metrics": metrics,
+               "backbone_info": backbone.describe(), "config": result.config, "metrics": result.metrics,
                "seconds": round(time.perf_counter() - start, 3)}
         if transfer_from is not None:
             row["transfer_from"] = transfer_from
+        if artifacts is not None:
+            artifacts[protocol] = result.artifacts
         rows.append(row)
     return rows
 

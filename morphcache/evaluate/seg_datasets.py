@@ -1,5 +1,7 @@
 """Semantic-segmentation datasets (image + integer label map pairs), parsed from a one-string SPEC.
 
+Loaders registered in :data:`morphcache.registries.datasets` (as the classification ones of
+:mod:`morphcache.evaluate.datasets`; a loader returning a :class:`SegDataset` is a segmentation dataset). Built-in
 SPEC forms; an optional query ``?train=N&test=M&seed=S`` keeps a seeded random subset of N training and M
 validation pairs (chosen before anything is decoded):
 
@@ -31,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from morphcache.errors import BadImageError, MorphcacheError
+from morphcache import registries
+from morphcache.errors import BadImageError, ConfigError, MorphcacheError
 from morphcache.evaluate.datasets import parse_dataset_spec
 from morphcache.extract.folders import IMAGE_EXTENSIONS, is_image_name
 
@@ -253,30 +256,58 @@ def _seg_folder(root: Path, seed: int) -> tuple[list[SegSample], list[SegSample]
 
 
 def load_seg_dataset(spec: str) -> SegDataset:
-    """The pairs of ``spec`` (see module doc); nothing is decoded yet. Raises :class:`MorphcacheError` for a
-    missing folder, an image without a mask, a missing class list or an unknown option."""
+    """The pairs of ``spec`` from the loader registered under its kind in :data:`morphcache.registries.datasets`
+    (built in: ``ade20k``, ``seg-folder``; see module doc); nothing is decoded yet.
+
+    Raises:
+        ConfigError: an unregistered kind (the message lists what is registered), or a classification dataset.
+        MorphcacheError: a missing folder, an image without a mask, a missing class list or an unknown option.
+    """
+    from morphcache.evaluate.datasets import load_any_dataset
+
+    data = load_any_dataset(spec)
+    if not isinstance(data, SegDataset):
+        raise ConfigError(f"dataset {spec!r} is not a segmentation dataset ({type(data).__name__}); pass "
+                          "ade20k:DIR, seg-folder:DIR or another registered segmentation dataset")
+    return data
+
+
+def _seg_root(spec: str) -> tuple[str, Path, dict[str, int]]:
+    """(kind, existing folder, query options) of a segmentation SPEC."""
     kind, arg, params = parse_dataset_spec(spec, _SEG_QUERY_KEYS)
-    if kind not in ("ade20k", "seg-folder"):
-        raise MorphcacheError(f"unknown segmentation dataset {kind!r} in {spec!r}; use ade20k:DIR or seg-folder:DIR")
     if not arg:
         raise MorphcacheError(f"dataset spec {spec!r} needs a folder: {kind}:DIR")
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise MorphcacheError(f"dataset folder {root} does not exist; pass {kind}:DIR with an existing folder")
+    return kind, root, params
+
+
+def _finish(spec: str, train, val, classes, ignore: int, reduce: bool, params: dict) -> SegDataset:
     seed = params.get("seed", 0)
-    if kind == "ade20k":
-        if "ignore" in params:
-            raise MorphcacheError(f"dataset spec {spec!r}: ADE20K's ignore value is fixed (annotation 0); drop ignore=")
-        train, val = _ade20k(root)
-        classes, ignore, reduce = ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, True
-    else:
-        train, val = _seg_folder(root, seed)
-        classes, file_ignore = _read_classes(root)
-        ignore = params.get("ignore", file_ignore if file_ignore is not None else DEFAULT_IGNORE_INDEX)
-        reduce = False
-        if ignore < len(classes):
-            raise MorphcacheError(f"ignore value {ignore} of {spec!r} is a class index (0..{len(classes) - 1}); "
-                                  "pass ignore=I with I >= the number of classes")
     train = _subset(train, params.get("train"), seed)
     val = _subset(val, params.get("test"), seed + 1)
     return SegDataset(train, val, tuple(classes), int(ignore), reduce, spec)
+
+
+@registries.datasets.register("ade20k")
+def ade20k(spec: str, image_size: int = 224) -> SegDataset:
+    """``ade20k:DIR``: ADE20K's released layout (``image_size`` unused: nothing is decoded here)."""
+    _, root, params = _seg_root(spec)
+    if "ignore" in params:
+        raise MorphcacheError(f"dataset spec {spec!r}: ADE20K's ignore value is fixed (annotation 0); drop ignore=")
+    train, val = _ade20k(root)
+    return _finish(spec, train, val, ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, True, params)
+
+
+@registries.datasets.register("seg-folder")
+def seg_folder(spec: str, image_size: int = 224) -> SegDataset:
+    """``seg-folder:DIR``: ``DIR/images`` + ``DIR/masks`` and a class list (``image_size`` unused)."""
+    _, root, params = _seg_root(spec)
+    train, val = _seg_folder(root, params.get("seed", 0))
+    classes, file_ignore = _read_classes(root)
+    ignore = params.get("ignore", file_ignore if file_ignore is not None else DEFAULT_IGNORE_INDEX)
+    if ignore < len(classes):
+        raise MorphcacheError(f"ignore value {ignore} of {spec!r} is a class index (0..{len(classes) - 1}); "
+                              "pass ignore=I with I >= the number of classes")
+    return _finish(spec, train, val, classes, ignore, False, params)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,38 +38,8 @@ from morphcache.evaluate.features import autocast_context, prepare_images
 from morphcache.evaluate.linear_probe import make_optimizer
 from morphcache.train.schedule import lr_at
 from morphcache.evaluate.seg_datasets import SegDataset, SegSample, load_pair
+from morphcache.evaluate.settings import SegProbeConfig
 from morphcache.progress import progress_bar
-
-
-@dataclass(frozen=True)
-class SegProbeConfig:
-    """Settings of the segmentation probe (see module doc). ``label_size`` None means the backbone's input side;
-    ``n_examples``: validation images whose prediction is kept for the report's figure."""
-
-    layers: int = 1
-    batchnorm: bool = True
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    label_size: int | None = None
-    seed: int = 0
-    n_examples: int = 4
-
-    def __post_init__(self) -> None:
-        if self.layers < 1:
-            raise ConfigError(f"--layers must be at least 1, got {self.layers}")
-        if self.label_size is not None and self.label_size <= 0:
-            raise ConfigError(f"--label-size must be positive, got {self.label_size}")
-        if self.n_examples < 0:
-            raise ConfigError(f"--examples must be 0 or more, got {self.n_examples}")
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ConfigError(f"the segmentation probe needs positive --epochs, --batch-size and --lr, got "
-                              f"{self.epochs}, {self.batch_size} and {self.lr}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class SegmentationProbe(nn.Module):
@@ -263,7 +233,7 @@ def segmentation_evaluate(backbone, dataset: SegDataset, config: SegProbeConfig 
     metrics = segmentation_metrics(cm, dataset.classes)
     metrics["train_loss"] = losses[-1]
     grid = int(round(train.tokens.shape[1] ** 0.5))
-    cfg = {**config.to_dict(), "img_size": backbone.img_size, "label_size": label_size, "evaluation": "resized",
+    cfg = {**config.model_dump(), "img_size": backbone.img_size, "label_size": label_size, "evaluation": "resized",
            "grid": grid, "feature_dim": int(train.tokens.shape[-1]), "precision": precision,
            "n_train": len(dataset.train), "n_test": len(dataset.val), "n_classes": dataset.n_classes,
            "ignore_index": dataset.ignore_index}

@@ -312,7 +312,8 @@ class RunConfig(_Model):
         "default False follows the paper's Algorithm 1",
     )
     dtm_weight: float = Field(default=1.0, ge=0, description="weight of the DTM loss (naver-ai/dtm --w_dtm)")
-    loss: Literal["smooth_l1", "l1", "cosine", "l2"] = "smooth_l1"
+    loss: str = Field(default="smooth_l1", description="per-token regression loss of dtm / tokenwise / mae+dtm: "
+                      "smooth_l1 | l1 | l2 | cosine, or any loss registered in morphcache.registries.losses")
     target_norm: Literal["layernorm", "morphed", "none"] = Field(
         default="none",
         description="layernorm: standardise each cached target token before matching and loss (LayerNorm without "
@@ -367,6 +368,16 @@ class RunConfig(_Model):
 
         if value not in registries.objectives:
             raise ValueError(f"not a registered objective; use one of {', '.join(registries.names(registries.objectives))}")
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _registered_loss(cls, value: str) -> str:
+        from morphcache import registries
+        import morphcache.train.losses.regression  # noqa: F401  (registers the built-in losses)
+
+        if value not in registries.losses:
+            raise ValueError(f"not a registered loss; use one of {', '.join(registries.names(registries.losses))}")
         return value
 
     @field_validator("dtm_case_ranges", mode="before")
