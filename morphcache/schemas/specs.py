@@ -29,6 +29,15 @@ VIEW_FIELDS: tuple[str, ...] = (
 )
 N_VIEW_PARAMS = len(VIEW_FIELDS)
 
+#: Render-only columns that may follow the VIEW_FIELDS of a row handed to a renderer (never stored: the ``views``
+#: array keeps N_VIEW_PARAMS columns, so stores written before these existed open and render unchanged; a stored
+#: row reads as both off). ``solarize``: >= 0.5 inverts every channel value at or above 128/255 (PIL
+#: ``ImageOps.solarize`` threshold 128 on the uint8 scale); ``blur_sigma``: Gaussian standard deviation in pixels
+#: of the rendered view, 0 = no blur. Rendered only by renderers built with ``effects=True`` (LUT's views).
+EFFECT_FIELDS: tuple[str, ...] = ("solarize", "blur_sigma")
+RENDER_FIELDS: tuple[str, ...] = VIEW_FIELDS + EFFECT_FIELDS
+N_RENDER_PARAMS = len(RENDER_FIELDS)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -328,8 +337,8 @@ class RunConfig(_Model):
     proj_dim: int | None = Field(default=None, gt=0, description="LUT projector output width; None = the student's "
                                  "width (naver-ai/lut)")
     lut_views: Literal["release", "stored"] = Field(
-        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full crops, colour "
-        "on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
+        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full bicubic crops with "
+        "reflect padding; colour jitter then grayscale / solarize / blur on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
         "two of the store's extracted views")
     teacher_online: bool = Field(default=False, description="run the teacher live instead of reading the cache")
     loader: str = Field(default="dali", description="dali | torch (PIL renderer, pixels within the measured "
