@@ -1,5 +1,7 @@
 """MAE (random masking, light decoder, pixel loss), LUT (disjoint keeps, EMA teacher), and their objectives."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -274,8 +276,9 @@ def test_objectives_are_bf16_autocast_safe():
 def test_lut_view_parameters_follow_the_release_recipe():
     """Statistics of the sampled view rows against naver-ai/lut's TwoGlobalViewAugmentation: near-full square
     crops (shorter side; offsets over the whole 4-pixel reflect padding, i.e. reaching outside the image), flip
-    1/2, view 1 without colour or effects, view 2 jittered with p 0.8 in the release's ranges and then exactly one
-    of grayscale / solarize / blur (radius U(0.1, 2)) with p 1/3 each, independently of the jitter. n = 24000:
+    1/2, view 1 without colour or effects, view 2 jittered with p 0.8 in the release's ranges (the four ops in a
+    uniformly random order) and then exactly one of grayscale / solarize / blur (radius U(0.1, 2)) with p 1/3
+    each, independently of the jitter. n = 24000:
     every tolerance is >= 4.5 standard errors, and a changed probability (e.g. jitter 0.5 or 1.0, a choice of
     1/2 or 1/4) misses it by far."""
     from morphcache.extract.render_pil import reflect_pads
@@ -286,7 +289,7 @@ def test_lut_view_parameters_follow_the_release_recipe():
     rows = [lut_view_rows((h, w), size, seed=0, sample=i, row=i % 7) for i in range(n)]
     v1 = np.stack([r[0] for r in rows])
     v2 = np.stack([r[1] for r in rows])
-    assert v1.shape == v2.shape == (n, 11)
+    assert v1.shape == v2.shape == (n, 13)
     for v in (v1, v2):
         assert np.all(v[:, 2] == 48) and np.all(v[:, 3] == 48)  # the shorter side, square
         assert set(np.unique(v[:, 0])) == {round(1.5 * k) for k in range(-4, 5)}  # both borders, 4 px past each
@@ -296,20 +299,24 @@ def test_lut_view_parameters_follow_the_release_recipe():
         assert abs(v[:, 4].mean() - 0.5) < 0.015
         for r in v[:200]:  # the renderers mirror what lies outside: never more than the release's 4 pixels
             assert max(reflect_pads(*(int(x) for x in r[:4]), h, w, size)) <= 4
-    assert np.all(v1[:, 5:] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # view 1: no colour op, no effect
+    assert np.all(v1[:, 5:] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # view 1: no colour op, no effect
     jittered = v2[:, 5] != 1.0
     assert abs(jittered.mean() - 0.8) < 0.015
-    assert np.all((v2[~jittered, 5:7] == 1.0)) and np.all(v2[~jittered, 8] == 0.0)
+    assert np.all((v2[~jittered, 5:8] == 1.0)) and np.all(v2[~jittered, 8] == 0.0) and np.all(v2[~jittered, 12] == 0)
+    orders = v2[jittered, 12].astype(int)
+    assert set(orders) == {int("".join(map(str, p))) for p in itertools.permutations((1, 2, 3, 4))}  # all 24
+    for op in "1234":  # each op comes first (and last) a quarter of the time
+        assert abs(np.mean([str(o)[0] == op for o in orders]) - 0.25) < 0.016
+        assert abs(np.mean([str(o)[-1] == op for o in orders]) - 0.25) < 0.016
     b, c, s, hue = v2[jittered, 5], v2[jittered, 6], v2[jittered, 7], v2[jittered, 8]
     assert b.min() >= 0.6 and b.max() <= 1.4 and c.min() >= 0.6 and c.max() <= 1.4
     assert b.min() < 0.61 and b.max() > 1.39 and c.min() < 0.61 and c.max() > 1.39
     assert abs(hue).max() <= 0.1 and abs(hue).max() > 0.099 and abs(hue.mean()) < 0.005
     assert abs(b.mean() - 1) < 0.01 and abs(c.mean() - 1) < 0.01
-    kept = s[s != 0]
-    assert kept.min() >= 0.8 and kept.max() <= 1.2 and kept.min() < 0.81 and kept.max() > 1.19
-    gray, sol, blur = v2[:, 7] == 0.0, v2[:, 9] == 1.0, v2[:, 10] > 0
+    assert s.min() >= 0.8 and s.max() <= 1.2 and s.min() < 0.81 and s.max() > 1.19
+    gray, sol, blur = v2[:, 11] == 1.0, v2[:, 9] == 1.0, v2[:, 10] > 0
     assert np.all(gray.astype(int) + sol + blur == 1)  # exactly one of the three on every second view
-    assert np.all((v2[:, 9] == 0) | sol) and np.all(v2[~blur, 10] == 0)
+    assert np.all((v2[:, 9] == 0) | sol) and np.all((v2[:, 11] == 0) | gray) and np.all(v2[~blur, 10] == 0)
     for share in (gray, sol, blur):
         assert abs(share.mean() - 1 / 3) < 0.015
         assert abs(share[jittered].mean() - 1 / 3) < 0.017  # independent of the jitter
@@ -322,7 +329,8 @@ def test_lut_view_parameters_follow_the_release_recipe():
 
 
 def test_lut_views_render_alike_with_dali_and_the_pil_fallback():
-    """LUT's rows (bicubic, as the loaders render them) with grayscale, solarize, blur and mirrored windows:
+    """LUT's rows (bicubic, as the loaders render them) with ordered jitter, grayscale, solarize, blur and
+    mirrored windows:
     within test_render's cubic bounds (a pixel next to the solarize threshold may flip by ~1 level)."""
     from morphcache.extract.images import canonicalize_bytes, encode_png
     from morphcache.extract.render_fidelity import compare_renderers
@@ -341,7 +349,8 @@ def test_lut_views_render_alike_with_dali_and_the_pil_fallback():
                 hws.append((h, w))
     params, hws = np.stack(params), np.array(hws)
     second = params[1::2]
-    assert (second[:, 7] == 0).any() and (second[:, 9] == 1).any() and (second[:, 10] > 0).any()
+    assert (second[:, 11] == 1).any() and (second[:, 9] == 1).any() and (second[:, 10] > 0).any()
+    assert (second[:, 12] > 0).any()
     outside = (params[:, 0] < 0) | (params[:, 1] < 0) | (params[:, 0] + params[:, 2] > hws[:, 0]) \
         | (params[:, 1] + params[:, 3] > hws[:, 1])
     assert outside.any()

@@ -155,8 +155,9 @@ def effects_renderer():
     return DaliRenderer(sizes=(32,), mean=RAW[0], std=RAW[1], batch_size=4, effects=True)
 
 
-def _effect_row(top, left, height, width, flip=0.0, solarize=0.0, blur_sigma=0.0, colour=(1.0, 1.0, 1.0, 0.0)):
-    return np.array([top, left, height, width, flip, *colour, solarize, blur_sigma], np.float32)
+def _effect_row(top, left, height, width, flip=0.0, solarize=0.0, blur_sigma=0.0, colour=(1.0, 1.0, 1.0, 0.0),
+                grayscale=0.0, jitter_order=0):
+    return np.array([top, left, height, width, flip, *colour, solarize, blur_sigma, grayscale, jitter_order], np.float32)
 
 
 def test_effects_off_render_exactly_like_stored_rows(photos, effects_renderer):
@@ -166,7 +167,7 @@ def test_effects_off_render_exactly_like_stored_rows(photos, effects_renderer):
     encs = [p[0] for p in photos]
     stored = np.stack([np.array([3, 5, 60, 70, k % 2, 1.1, 0.9, 0.7, 0.05], np.float32) for k in range(4)])
     ref = plain.render(encs, stored)[0]
-    padded = np.concatenate([stored, np.zeros((4, 2), np.float32)], axis=1)
+    padded = np.concatenate([stored, np.zeros((4, 4), np.float32)], axis=1)
     assert torch.equal(effects_renderer.render(encs, stored)[0], ref)
     assert torch.equal(effects_renderer.render(encs, padded)[0], ref)
     assert torch.equal(render_pil(encs, padded, 32, *RAW), render_pil(encs, stored, 32, *RAW))
@@ -220,8 +221,9 @@ def test_window_outside_the_image_is_mirrored_without_repeating_the_edge(photos,
 
 @pytest.mark.parametrize("interpolation", ["linear", "cubic"])
 def test_effects_fidelity_pil_to_dali(photos, interpolation):
-    """Solarize, blur and mirrored windows at a resampling scale: PIL fallback vs DALI within the bounds of
-    test_pil_fallback_fidelity_to_dali (cubic: mean 0.03, max 1.5 levels)."""
+    """Solarize, blur, grayscale, ordered jitter and mirrored windows at a resampling scale: PIL fallback vs DALI
+    within the bounds of test_pil_fallback_fidelity_to_dali (cubic: mean 0.03, max 1.5 levels; a pixel next to
+    the solarize threshold may flip, by about 1 level)."""
     encs, rows = [], []
     rng = np.random.default_rng(3)
     for k in range(12):
@@ -231,24 +233,62 @@ def test_effects_fidelity_pil_to_dali(photos, interpolation):
         encs.append(enc)
         rows.append(_effect_row(top, left, side, side, flip=k % 2, solarize=float(k % 3 == 1),
                                 blur_sigma=float(rng.uniform(0.1, 2.0)) if k % 3 == 2 else 0.0,
-                                colour=(1.2, 0.8, 1.1, 0.05) if k % 4 else (1.0, 1.0, 1.0, 0.0)))
+                                colour=(1.2, 0.8, 1.1, 0.05) if k % 4 else (1.0, 1.0, 1.0, 0.0),
+                                grayscale=float(k % 5 == 0), jitter_order=(0, 4213, 1234, 3142)[k % 4]))
     rows = np.stack(rows)
     outside = (rows[:, 0] < 0) | (rows[:, 1] < 0)
-    assert outside.any() and (rows[:, 9] == 1).any() and (rows[:, 10] > 0).any()
+    assert outside.any() and (rows[:, 9] == 1).any() and (rows[:, 10] > 0).any() and (rows[:, 11] == 1).any()
     stats = compare_renderers(encs, rows, size=40, interpolation=interpolation, batch_size=6)
     print(f"effects, PIL fallback vs DALI ({interpolation}): {stats}")
     assert stats["mean_abs_pixel"] < 0.03 and stats["max_abs_pixel"] < 1.5, stats
+
+
+def test_ordered_jitter_is_torchvisions_colorjitter_on_float_pixels(photos, effects_renderer):
+    """jitter_order != 0: torchvision.transforms.functional's brightness, contrast, saturation and hue (HSV) in the
+    row's order (the release's ColorJitter draws that order per call), in both renderers; the order matters."""
+    import torchvision.transforms.functional as TF
+
+    enc, _, rgb = photos[2]
+    window = torch.from_numpy(np.ascontiguousarray(rgb[20:52, 30:62])).permute(2, 0, 1).float() / 255
+    b, c, s, hue = 1.3, 0.7, 1.2, -0.08
+    ops = {"1": lambda im: TF.adjust_brightness(im, b), "2": lambda im: TF.adjust_contrast(im, c),
+           "3": lambda im: TF.adjust_saturation(im, s), "4": lambda im: TF.adjust_hue(im, hue)}
+    outs = {}
+    for order in (1234, 4321, 2413, 3142):
+        ref = window
+        for digit in str(order):
+            ref = ops[digit](ref)
+        row = _effect_row(20, 30, 32, 32, colour=(b, c, s, hue), jitter_order=order)[None]
+        outs[order] = effects_renderer.render([enc], row)[0][0]
+        # torchvision's grayscale weighs red 0.2989, PIL's (and ours) 0.299: about 1e-4 apart
+        torch.testing.assert_close(outs[order], ref, atol=2e-4, rtol=0)
+        torch.testing.assert_close(render_pil([enc], row, 32, *RAW)[0], ref, atol=2e-4, rtol=0)
+    assert (outs[1234] - outs[4321]).abs().max() > 0.02  # a different order renders differently
+    hue_only = _effect_row(20, 30, 32, 32, colour=(1.0, 1.0, 1.0, 0.1), jitter_order=1234)[None]
+    torch.testing.assert_close(effects_renderer.render([enc], hue_only)[0][0], TF.adjust_hue(window, 0.1), atol=1e-5, rtol=0)
+    gray = _effect_row(20, 30, 32, 32, grayscale=1.0)[None]  # after the jitter: PIL convert("L") weights
+    ref = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[20:52, 30:62])).convert("L")) / 255.0
+    for out in (effects_renderer.render([enc], gray)[0][0], render_pil([enc], gray, 32, *RAW)[0]):
+        assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+        np.testing.assert_allclose(out[0].numpy(), ref, atol=0.5 / 255 + 1e-6)  # PIL rounds L to a whole level
 
 
 def test_effect_rows_are_validated(photos, raw_renderer, effects_renderer):
     enc, (h, w), _ = photos[0]
     with pytest.raises(ValueError, match="effects=True"):
         raw_renderer.render([enc], _effect_row(0, 0, 32, 32, solarize=1.0)[None])
+    with pytest.raises(ValueError, match="finite"):
+        render_pil([enc], _effect_row(0, 0, 32, 32, grayscale=float("nan"))[None], 32)
     for sigma in (-1.0, 0.05, float("nan"), 100.0):
-        with pytest.raises(ValueError, match="blur_sigma"):
+        with pytest.raises(ValueError, match="blur_sigma|finite"):
             effects_renderer.render([enc], _effect_row(0, 0, 32, 32, blur_sigma=sigma)[None])
-        with pytest.raises(ValueError, match="blur_sigma"):
+        with pytest.raises(ValueError, match="blur_sigma|finite"):
             render_pil([enc], _effect_row(0, 0, 32, 32, blur_sigma=sigma)[None], 32)
+    for order in (1233, 5, 12345, 0.5, -1234):
+        with pytest.raises(ValueError, match="jitter_order"):
+            render_pil([enc], _effect_row(0, 0, 32, 32, jitter_order=order)[None], 32)
+        with pytest.raises(ValueError, match="jitter_order"):
+            effects_renderer.render([enc], _effect_row(0, 0, 32, 32, jitter_order=order)[None])
     with pytest.raises(ValueError, match="kernel radius"):
         render_pil([enc], _effect_row(0, 0, 32, 32, blur_sigma=3.0)[None], 8)
     with pytest.raises(ValueError, match="too far outside"):

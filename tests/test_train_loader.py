@@ -245,7 +245,7 @@ def test_moved_teacher_weights_are_found_by_hash(tmp_path, capsys):
 
 
 def test_lut_views_render_bicubic_with_effects_in_both_loaders(store):
-    """LUT's rows (solarize / blur / mirrored windows) reach the effects graph, bicubic whatever the store's
+    """LUT's rows (ordered jitter, grayscale / solarize / blur, mirrored windows) reach the effects graph, bicubic whatever the store's
     interpolation: the DALI loader gives DaliRenderer(effects=True, cubic)'s pixels exactly, the torch fallback
     the same within the cubic renderer tolerance (test_render: mean 0.03, max 1.5 levels)."""
     from morphcache.extract.render_dali import DaliRenderer
@@ -263,7 +263,7 @@ def test_lut_views_render_bicubic_with_effects_in_both_loaders(store):
     samples = [ViewSource(str(store.path), sampler, lut_size=32).sample(i) for i in range(8)]
     encoded = [s[0].tobytes() for s in samples]
     p1, p2 = np.stack([s[1] for s in samples]), np.stack([s[3] for s in samples])
-    assert p1.shape == p2.shape == (8, 11) and (p2[:, 9:] != 0).any(axis=0).all()  # solarize and blur among them
+    assert p1.shape == p2.shape == (8, 13) and (p2[:, 9:] != 0).any(axis=0).all()  # each effect among them
     renderer = DaliRenderer(sizes=(32,), mean=t.mean, std=t.std, interpolation="cubic", batch_size=8, effects=True)
     assert torch.equal(a.images, renderer.render(encoded, p1)[0])
     assert torch.equal(a.images2, renderer.render(encoded, p2)[0])

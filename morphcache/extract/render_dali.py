@@ -12,14 +12,25 @@ Per sample (``params`` row = top, left, height, width, flip, brightness, contras
 3. ``fn.color_twist`` with the row's brightness, contrast, saturation and hue (hue row value in turns, DALI takes
    degrees). In [0, 1] floats it computes ``b * (c * M(hue, sat) @ rgb + (1 - c) * 0.5)``, where ``M`` rotates
    hue and scales saturation in YIQ space; then clamped to [0, 1];
-4. only with ``effects=True`` (LUT's views; rows then carry :data:`~morphcache.schemas.specs.RENDER_FIELDS`):
-   solarize, ``x + solarize_on * [x >= 128/255] * (1 - 2x)``, then Gaussian blur, ``fn.gaussian_blur`` at
-   ``max(blur_sigma, 0.1)`` pixels blended in with weight ``[blur_sigma > 0]`` (DALI refuses sigma 0; weight 0
-   returns the input exactly). Without ``effects`` the graph is the one stores were extracted with;
+4. only with ``effects=True`` (LUT's views; rows then carry the render-only
+   :data:`~morphcache.schemas.specs.EFFECT_FIELDS`, and without ``effects`` the graph is exactly the one stores
+   were extracted with):
+
+   - the window may reach outside the image: ``fn.peek_image_shape`` clips it, the in-image part is decoded and
+     resized to its share of S (``floor(outside * S / window + 0.5)`` pixels per border, float32), mirrored by a
+     fixed ``reflect_margin(S)`` (slices, flips, ``fn.cat``; numpy ``reflect``: edge pixel not repeated) and the
+     S x S view sliced out;
+   - ``jitter_order`` != 0 replaces step 3 by torchvision ColorJitter's ops in that digit order (1 brightness, 2
+     contrast about the view's mean luma, 3 saturation, 4 HSV hue; each clamped), computed as four slots whose
+     candidates are selected with exact 0/1 weights (no DALI conditionals);
+   - grayscale (every channel = 0.299 R + 0.587 G + 0.114 B), solarize ``x + on * [x >= 128/255] * (1 - 2x)``,
+     then ``fn.gaussian_blur`` (std in view pixels, window ``2 ceil(3 sigma) + 1``, mirrored border) at
+     ``max(blur_sigma, 0.1)`` blended in with weight ``[blur_sigma > 0]`` (DALI refuses sigma 0; every off
+     effect returns its input exactly);
 5. ``fn.crop_mirror_normalize``: horizontal flip when ``flip >= 0.5``, ``(x - mean) / std``, float32 CHW.
 
-Flip, the colour matrix, solarize and the (symmetric) blur commute with the flip, so its place does not matter; the PIL fallback in
-:mod:`morphcache.extract.render_pil` implements the same maths.
+The colour ops, the mirrored window (in view coordinates) and the symmetric blur commute with the flip, so its
+place does not matter; the PIL fallback in :mod:`morphcache.extract.render_pil` implements the same maths.
 
 Training loader usage (build the graph yourself, feed it with a parallel external source)::
 
@@ -42,7 +53,7 @@ import numpy as np
 import torch
 
 from morphcache.errors import BadImageError
-from morphcache.extract.render_pil import MIN_BLUR_SIGMA, SOLARIZE_THRESHOLD, reflect_margin, render_rows
+from morphcache.extract.render_pil import LUMA, MIN_BLUR_SIGMA, SOLARIZE_THRESHOLD, reflect_margin, render_rows
 from morphcache.schemas.specs import IMAGENET_MEAN, IMAGENET_STD, N_VIEW_PARAMS
 from morphcache.store.image_table import STATUS_CORRUPT
 
@@ -108,10 +119,14 @@ def build_view_pipeline(
             x = fn.resize(decoded, size=inside, interp_type=interp, antialias=True, dtype=types.FLOAT)
             x = _reflect_crop(x, pads[0], pads[2], side)
         x = x * (1.0 / 255.0)
-        x = fn.color_twist(x, brightness=params[5], contrast=params[6], saturation=params[7], hue=hue_degrees)
-        x = dmath.clamp(x, 0.0, 1.0)
-        if effects:
-            x = _effects(x, params)
+        twisted = fn.color_twist(x, brightness=params[5], contrast=params[6], saturation=params[7], hue=hue_degrees)
+        twisted = dmath.clamp(twisted, 0.0, 1.0)
+        if effects:  # jitter_order 0: the twist; else torchvision's ops in that order (exact 0/1 selection)
+            in_order = fn.cast(params[N_VIEW_PARAMS + 3] > 0.0, dtype=types.FLOAT)
+            x = twisted * (1.0 - in_order) + _jitter_in_order(x, params) * in_order
+            x = _effects(fn.reshape(x, layout="HWC"), params)
+        else:
+            x = twisted
         x = fn.crop_mirror_normalize(
             x, mirror=mirror, mean=list(map(float, mean)), std=list(map(float, std)), output_layout="CHW", dtype=types.FLOAT
         )
@@ -151,11 +166,66 @@ def _reflect_crop(x, pad_top, pad_left, side: int):
                     normalized_shape=False)
 
 
-def _effects(x, params):
-    """Solarize then Gaussian blur of float [0, 1] HWC views; the same arithmetic as render_pil.apply_effects."""
+def _luma(x):
+    """(H, W) luma of float HWC ``x`` (render_pil.LUMA)."""
+    return LUMA[0] * x[:, :, 0] + LUMA[1] * x[:, :, 1] + LUMA[2] * x[:, :, 2]
+
+
+def _hue_shift(x, hue_turns):
+    """render_pil.hue_shift in DALI arithmetic: HSV hue turned by the per-sample ``hue_turns``."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    v = dmath.max(dmath.max(r, g), b)
+    d = v - dmath.min(dmath.min(r, g), b)
+    dd = dmath.max(d, 1e-8)
+    m_r = fn.cast(r >= g, dtype=types.FLOAT) * fn.cast(r >= b, dtype=types.FLOAT)
+    m_g = (1.0 - m_r) * fn.cast(g >= b, dtype=types.FLOAT)
+    m_b = 1.0 - m_r - m_g
+    h6 = m_r * ((g - b) / dd) + m_g * ((b - r) / dd + 2.0) + m_b * ((r - g) / dd + 4.0) + hue_turns * 6.0
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = h6 + n
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        channels.append(v - d * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")
+
+
+def _jitter_in_order(x, params):
+    """render_pil.jitter_in_order in DALI: four slots; slot k applies the op named by digit k of jitter_order,
+    selected with exact 0/1 weights among the four candidates (no conditionals in the graph)."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    b, c, s, hue = params[5], params[6], params[7], params[8]
+    code = params[N_VIEW_PARAMS + 3]
+    for slot in range(4):
+        q = dmath.floor(code / float(10 ** (3 - slot)))
+        digit = q - 10.0 * dmath.floor(q / 10.0)
+        lum = _luma(x)
+        candidates = (
+            dmath.clamp(x * b, 0.0, 1.0),
+            dmath.clamp(x * c + (1.0 - c) * fn.reductions.mean(lum), 0.0, 1.0),
+            dmath.clamp(x * s + (1.0 - s) * fn.expand_dims(lum, axes=[2]), 0.0, 1.0),
+            _hue_shift(x, hue),
+        )
+        out = None
+        for op, y in enumerate(candidates, start=1):
+            term = y * fn.cast(digit == float(op), dtype=types.FLOAT)
+            out = term if out is None else out + term
+        x = fn.reshape(out, layout="HWC")
+    return x
+
+
+def _effects(x, params):
+    """Grayscale, solarize, then Gaussian blur of float [0, 1] HWC views; the arithmetic of
+    render_pil.apply_effects."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    gray = fn.cast(params[N_VIEW_PARAMS + 2] >= 0.5, dtype=types.FLOAT)
+    x = x + gray * (fn.expand_dims(_luma(x), axes=[2]) - x)
     solarize = fn.cast(params[N_VIEW_PARAMS] >= 0.5, dtype=types.FLOAT)
     above = fn.cast(x >= float(SOLARIZE_THRESHOLD), dtype=types.FLOAT)
     x = x + solarize * above * (1.0 - 2.0 * x)

@@ -10,13 +10,16 @@ not assumed. Two details copy DALI on purpose:
 - ``color_twist`` (measured on DALI 2.4): ``out = b * (c * M @ rgb + (1 - c) * 0.5)`` with
   ``M = inv(RGB2YIQ) @ R(hue)^T @ diag(1, s, s) @ RGB2YIQ`` (rounded NTSC YIQ coefficients).
 
-Rows may carry the render-only :data:`~morphcache.schemas.specs.EFFECT_FIELDS` (LUT's second view): after the
-clamp, solarize then Gaussian blur (:func:`apply_effects`), with the arithmetic DALI's graph uses.
+Rows may carry the render-only :data:`~morphcache.schemas.specs.EFFECT_FIELDS` (LUT's views), with the
+arithmetic DALI's ``effects=True`` graph uses: a window reaching outside the image is mirrored
+(:func:`reflect_pads`); ``jitter_order`` != 0 replaces the colour twist by torchvision ColorJitter's ops in that
+order (:func:`jitter_in_order`); then grayscale, solarize and Gaussian blur (:func:`apply_effects`).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from typing import Sequence
 
@@ -34,31 +37,44 @@ SOLARIZE_THRESHOLD = np.float32(128.0 / 255.0)
 #: DALI's gaussian_blur refuses sigma 0: its graph blurs every effects view at max(blur_sigma, this) and blends the
 #: result out (weight 0, exactly) where blur_sigma is 0.
 MIN_BLUR_SIGMA = 0.1
+#: Luma weights of the grayscale, contrast and saturation ops (PIL ``convert("L")``: R*299/1000 + G*587/1000 + ...).
+LUMA = (0.299, 0.587, 0.114)
+#: Valid ``jitter_order`` codes besides 0: the digits 1 brightness, 2 contrast, 3 saturation, 4 hue, each once.
+JITTER_ORDERS = frozenset(int("".join(map(str, p))) for p in itertools.permutations((1, 2, 3, 4)))
 
 
 def render_rows(params, n_views: int, effects: bool, side: int | None = None) -> np.ndarray:
     """Validated float32 (n_views, P) rows for a renderer.
 
     ``effects=False``: P must be N_VIEW_PARAMS (stored rows). ``effects=True``: N_VIEW_PARAMS (padded with zero
-    effect columns: both off) or N_RENDER_PARAMS; ``blur_sigma`` must be finite and 0 or in
-    [MIN_BLUR_SIGMA, 64], and with ``side`` (the smallest rendered side) its kernel radius ``ceil(3 sigma)`` must
-    be below it. Raises ValueError with a one-line message otherwise.
+    effect columns: all off) or N_RENDER_PARAMS; effect columns must be finite, ``blur_sigma`` 0 or in
+    [MIN_BLUR_SIGMA, 64] (and with ``side``, the smallest rendered side, its kernel radius ``ceil(3 sigma)``
+    below it), ``jitter_order`` 0 or one of :data:`JITTER_ORDERS`. Raises ValueError with a one-line message
+    otherwise.
     """
     rows = np.asarray(params, dtype=np.float32)
     widths = (N_VIEW_PARAMS, N_RENDER_PARAMS) if effects else (N_VIEW_PARAMS,)
     if rows.ndim != 2 or rows.shape[1] not in widths or rows.shape[0] != n_views:
         want = " or ".join(f"({n_views}, {p})" for p in widths)
         raise ValueError(f"params must be {want}, got {rows.shape}"
-                         + ("" if effects else "; rows with solarize / blur_sigma need a renderer built with effects=True"))
+                         + ("" if effects else "; rows with effect columns need a renderer built with effects=True"))
     if not effects:
         return rows
     if rows.shape[1] == N_VIEW_PARAMS:
         rows = np.concatenate([rows, np.zeros((n_views, N_RENDER_PARAMS - N_VIEW_PARAMS), np.float32)], axis=1)
+    finite = np.isfinite(rows[:, N_VIEW_PARAMS:]).all(axis=1)
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"view {k}: effect columns must be finite, got {rows[k, N_VIEW_PARAMS:].tolist()}")
     sigma = rows[:, N_VIEW_PARAMS + 1]
     bad = ~np.isfinite(sigma) | ((sigma != 0) & ((sigma < MIN_BLUR_SIGMA) | (sigma > 64)))
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
         raise ValueError(f"view {k}: blur_sigma {float(sigma[k])!r} must be 0 (no blur) or in [{MIN_BLUR_SIGMA}, 64] pixels")
+    for k, code in enumerate(rows[:, N_VIEW_PARAMS + 3]):
+        if code != 0 and code not in JITTER_ORDERS:
+            raise ValueError(f"view {k}: jitter_order {float(code)!r} must be 0 (colour twist) or four digits naming "
+                             "1 brightness, 2 contrast, 3 saturation, 4 hue once each, e.g. 4213")
     if side is not None and sigma.size and math.ceil(3.0 * float(sigma.max())) >= side:
         raise ValueError(f"blur_sigma {float(sigma.max())} needs a kernel radius {math.ceil(3.0 * float(sigma.max()))} "
                          f"below the rendered side {side}")
@@ -83,11 +99,61 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * yp[:, i : i + w] for i in range(2 * r + 1)).astype(np.float32)
 
 
-def apply_effects(x: np.ndarray, solarize: float, blur_sigma: float) -> np.ndarray:
-    """The render-only effects on float32 (H, W, 3) values in [0, 1], in this order: solarize (``solarize >= 0.5``:
+def luma(x: np.ndarray) -> np.ndarray:
+    """float32 (H, W) luma of float32 (H, W, 3) RGB with :data:`LUMA`."""
+    f = np.float32
+    return f(LUMA[0]) * x[..., 0] + f(LUMA[1]) * x[..., 1] + f(LUMA[2]) * x[..., 2]
+
+
+def hue_shift(x: np.ndarray, hue_turns: float) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 1] with the HSV hue turned by ``hue_turns`` (torchvision ``adjust_hue``; value and
+    saturation kept). Per pixel: v = max, d = max - min, h6 = 6 * hue in [0, 6) from the channel holding the max
+    (red first, then green), then each channel n in (R 5, G 3, B 1) is ``v - d * clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + h6 + 6 hue_turns) mod 6``. Written with 0/1 masks, as DALI's graph computes it."""
+    f = np.float32
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    d = v - np.minimum(np.minimum(r, g), b)
+    dd = np.maximum(d, f(1e-8))
+    m_r = (r >= g).astype(f) * (r >= b).astype(f)
+    m_g = (f(1) - m_r) * (g >= b).astype(f)
+    m_b = f(1) - m_r - m_g
+    h6 = m_r * ((g - b) / dd) + m_g * ((b - r) / dd + f(2)) + m_b * ((r - g) / dd + f(4)) + f(6.0 * hue_turns)
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = h6 + f(n)
+        k = k - f(6) * np.floor(k / f(6))
+        out.append(v - d * np.clip(np.minimum(k, f(4) - k), f(0), f(1)))
+    return np.stack(out, axis=-1)
+
+
+def jitter_in_order(x: np.ndarray, brightness: float, contrast: float, saturation: float, hue_turns: float,
+                    order: int) -> np.ndarray:
+    """torchvision ColorJitter's four ops on float32 (H, W, 3) in [0, 1], applied in the order of the decimal
+    digits of ``order`` (1 brightness ``clamp(b x)``, 2 contrast ``clamp(c x + (1 - c) mean(luma))`` with the
+    view's mean luma, 3 saturation ``clamp(s x + (1 - s) luma)``, 4 hue :func:`hue_shift`), e.g. 4213."""
+    f = np.float32
+    b, c, s = f(brightness), f(contrast), f(saturation)
+    for digit in str(int(order)):
+        if digit == "1":
+            x = np.clip(x * b, f(0), f(1))
+        elif digit == "2":
+            x = np.clip(x * c + (f(1) - c) * luma(x).mean(dtype=np.float32), f(0), f(1))
+        elif digit == "3":
+            x = np.clip(x * s + (f(1) - s) * luma(x)[..., None], f(0), f(1))
+        else:
+            x = hue_shift(x, hue_turns)
+    return x
+
+
+def apply_effects(x: np.ndarray, solarize: float, blur_sigma: float, grayscale: float = 0.0) -> np.ndarray:
+    """The render-only effects on float32 (H, W, 3) values in [0, 1] after the colour jitter, in this order:
+    grayscale (``grayscale >= 0.5``: every channel = :func:`luma`), solarize (``solarize >= 0.5``:
     ``x + [x >= 128/255] * (1 - 2x)``, i.e. ``1 - x`` at and above the threshold, in float32 like DALI's graph),
     then Gaussian blur of std ``blur_sigma`` pixels (:func:`gaussian_blur`; 0 = none)."""
     x = np.asarray(x, dtype=np.float32)
+    if grayscale >= 0.5:
+        x = np.repeat(luma(x)[..., None], 3, axis=-1)
     if solarize >= 0.5:
         above = (x >= SOLARIZE_THRESHOLD).astype(np.float32)
         x = x + above * (np.float32(1.0) - np.float32(2.0) * x)
@@ -168,10 +234,14 @@ def render_one(encoded: bytes, row: np.ndarray, size: int, interpolation: str = 
         x = np.pad(x, ((pads[0], pads[1]), (pads[2], pads[3]), (0, 0)), mode="reflect") / np.float32(255.0)
     else:
         x = resize_clamped(rgb, size, interpolation) / np.float32(255.0)
-    a, offset = color_twist_affine(float(row[5]), float(row[6]), float(row[7]), float(row[8]))
-    x = np.clip(x.astype(np.float64) @ a.T + offset, 0.0, 1.0).astype(np.float32)
-    if len(row) > N_VIEW_PARAMS:
-        x = apply_effects(x, float(row[N_VIEW_PARAMS]), float(row[N_VIEW_PARAMS + 1]))
+    order = int(row[N_VIEW_PARAMS + 3]) if effects else 0
+    if order:
+        x = jitter_in_order(x.astype(np.float32), float(row[5]), float(row[6]), float(row[7]), float(row[8]), order)
+    else:
+        a, offset = color_twist_affine(float(row[5]), float(row[6]), float(row[7]), float(row[8]))
+        x = np.clip(x.astype(np.float64) @ a.T + offset, 0.0, 1.0).astype(np.float32)
+    if effects:
+        x = apply_effects(x, float(row[N_VIEW_PARAMS]), float(row[N_VIEW_PARAMS + 1]), float(row[N_VIEW_PARAMS + 2]))
     if float(row[4]) >= 0.5:
         x = x[:, ::-1]
     return x
