@@ -242,3 +242,31 @@ def test_moved_teacher_weights_are_found_by_hash(tmp_path, capsys):
     other = teacher_weights(tmp_path / "other.pth", seed=1)
     with pytest.raises(ConfigError, match="sha256"):
         OnlineTeacher(store.spec, weights=other)
+
+
+def test_lut_views_render_bicubic_with_effects_in_both_loaders(store):
+    """LUT's rows (ordered jitter, grayscale / solarize / blur, mirrored windows) reach the effects graph, bicubic whatever the store's
+    interpolation: the DALI loader gives DaliRenderer(effects=True, cubic)'s pixels exactly, the torch fallback
+    the same within the cubic renderer tolerance (test_render: mean 0.03, max 1.5 levels)."""
+    from morphcache.extract.render_dali import DaliRenderer
+    from morphcache.extract.render_fidelity import pixel_differences
+    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
+    from morphcache.train.torch_loader import make_loader
+
+    t = store.spec.teacher
+    assert store.spec.augment.interpolation == "linear"
+    sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=8, seed=2, second_view=True)
+    render = RenderSpec(32, t.mean, t.std, second_view=True, lut_views=True)
+    assert render.view_interpolation == "cubic" and RenderSpec(32, t.mean, t.std).view_interpolation == "linear"
+    (a,) = _take(DaliTrainLoader(store, sampler, render, workers=1), 1)
+    (b,) = _take(make_loader("torch", store, sampler, render, workers=0), 1)
+    samples = [ViewSource(str(store.path), sampler, lut_size=32).sample(i) for i in range(8)]
+    encoded = [s[0].tobytes() for s in samples]
+    p1, p2 = np.stack([s[1] for s in samples]), np.stack([s[3] for s in samples])
+    assert p1.shape == p2.shape == (8, 13) and (p2[:, 9:] != 0).any(axis=0).all()  # each effect among them
+    renderer = DaliRenderer(sizes=(32,), mean=t.mean, std=t.std, interpolation="cubic", batch_size=8, effects=True)
+    assert torch.equal(a.images, renderer.render(encoded, p1)[0])
+    assert torch.equal(a.images2, renderer.render(encoded, p2)[0])
+    for x, y in ((a.images, b.images), (a.images2, b.images2)):
+        diff = pixel_differences(x, y, t.std)
+        assert diff.mean() < 0.03 and diff.max() < 1.5, (diff.mean(), diff.max())

@@ -13,7 +13,7 @@ import torch
 
 from morphcache.extract.render_dali import DaliRenderer
 from morphcache.extract.render_pil import render_pil
-from morphcache.schemas.specs import IMAGENET_MEAN, IMAGENET_STD
+from morphcache.schemas.specs import IMAGENET_MEAN, IMAGENET_STD, N_RENDER_PARAMS
 
 
 def pixel_differences(a: torch.Tensor, b: torch.Tensor, std: Sequence[float]) -> np.ndarray:
@@ -33,6 +33,7 @@ def compare_renderers(
     renderer: DaliRenderer | None = None,
 ) -> dict:
     """Render ``params`` (B, P) of ``encoded`` (B images) with DALI and with PIL; summarize the difference.
+    P = N_VIEW_PARAMS, or N_RENDER_PARAMS (solarize / blur_sigma: a DALI renderer with ``effects=True``).
 
     Returns ``{"n_views", "size", "interpolation", "mean_abs_pixel", "p99_abs_pixel", "max_abs_pixel",
     "worst_view_mean_abs_pixel", "psnr_db"}`` (pixel units 0..255; PSNR over [0, 255]).
@@ -42,7 +43,8 @@ def compare_renderers(
     if len(encoded) == 0:
         raise ValueError("compare_renderers needs at least one view")
     dali = renderer or DaliRenderer(
-        sizes=(size,), mean=mean, std=std, interpolation=interpolation, batch_size=min(batch_size, len(encoded))
+        sizes=(size,), mean=mean, std=std, interpolation=interpolation, batch_size=min(batch_size, len(encoded)),
+        effects=rows.ndim == 2 and rows.shape[1] == N_RENDER_PARAMS,
     )
     per_view: list[np.ndarray] = []
     for start in range(0, len(encoded), dali.batch_size):

@@ -29,6 +29,22 @@ VIEW_FIELDS: tuple[str, ...] = (
 )
 N_VIEW_PARAMS = len(VIEW_FIELDS)
 
+#: Render-only columns that may follow the VIEW_FIELDS of a row handed to a renderer (never stored: the ``views``
+#: array keeps N_VIEW_PARAMS columns, so stores written before these existed open and render unchanged; a stored
+#: row reads as all four 0 = off). Rendered only by renderers built with ``effects=True`` (LUT's views):
+#:
+#: - ``solarize``: >= 0.5 inverts every channel value at or above 128/255 (PIL ``ImageOps.solarize``, threshold 128
+#:   on the uint8 scale);
+#: - ``blur_sigma``: Gaussian standard deviation in pixels of the rendered view, 0 = no blur;
+#: - ``grayscale``: >= 0.5 replaces every channel by the luma 0.299 R + 0.587 G + 0.114 B (PIL ``convert("L")``),
+#:   after the colour jitter;
+#: - ``jitter_order``: 0 = brightness / contrast / saturation / hue as DALI's ``color_twist`` (the stored views'
+#:   meaning); otherwise four decimal digits naming torchvision ColorJitter's ops in the order applied
+#:   (1 brightness, 2 contrast about the mean luma, 3 saturation, 4 hue shifted in HSV), e.g. 4213.
+EFFECT_FIELDS: tuple[str, ...] = ("solarize", "blur_sigma", "grayscale", "jitter_order")
+RENDER_FIELDS: tuple[str, ...] = VIEW_FIELDS + EFFECT_FIELDS
+N_RENDER_PARAMS = len(RENDER_FIELDS)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -333,8 +349,8 @@ class RunConfig(_Model):
     proj_dim: int | None = Field(default=None, gt=0, description="LUT projector output width; None = the student's "
                                  "width (naver-ai/lut)")
     lut_views: Literal["release", "stored"] = Field(
-        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full crops, colour "
-        "on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
+        default="release", description="LUT's two views: release = naver-ai/lut's recipe (near-full bicubic crops with "
+        "reflect padding; colour jitter then grayscale / solarize / blur on view 2) rendered from the store's images (see morphcache.train.lut_views for what differs); stored = "
         "two of the store's extracted views")
     teacher_online: bool = Field(default=False, description="run the teacher live instead of reading the cache")
     loader: str = Field(default="dali", description="dali | torch (PIL renderer, pixels within the measured "

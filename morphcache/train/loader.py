@@ -64,6 +64,12 @@ class RenderSpec:
     lut_views: bool = False  # both views drawn from LUT's recipe (morphcache.train.lut_views), not the stored rows
 
     @property
+    def view_interpolation(self) -> str:
+        """The resize filter views are rendered with: LUT's views always bicubic (the release's
+        ``Resize(interpolation=3)``), stored views the store's (``interpolation``)."""
+        return "cubic" if self.lut_views else self.interpolation
+
+    @property
     def sizes(self) -> tuple[int, ...]:
         return (self.img_size,) if self.teacher_size is None else (self.img_size, self.teacher_size)
 
@@ -173,6 +179,8 @@ class TrainLoader(Protocol):
 
 class ViewSource:
     """Per-sample callable: global sample -> (encoded uint8 (n,), params float32 (P,), row int64 (1,)[, params2, row2]).
+
+    P = N_VIEW_PARAMS (stored rows), or N_RENDER_PARAMS with ``lut_size`` (LUT's rows carry solarize, blur_sigma).
 
     Picklable (plain fields only); the store is opened lazily in whichever process calls it.
     """
@@ -309,12 +317,14 @@ def _build_pipeline(source: ViewSource, render: RenderSpec, batch_size: int, wor
         outs = fn.external_source(source=source, num_outputs=len(dtypes), parallel=True, batch=False,
                                   dtype=dtypes)
         encoded, params, rows = outs[0], outs[1], outs[2]
+        # LUT's rows carry solarize / blur_sigma (effects) and render bicubic; stored rows keep the extraction graph
         images = build_view_pipeline(encoded, params, sizes=render.sizes, mean=render.mean, std=render.std,
-                                     interpolation=render.interpolation)
+                                     interpolation=render.view_interpolation, effects=render.lut_views)
         result = list(images) + [rows]
         if second:
             images2 = build_view_pipeline(encoded, outs[3], sizes=(render.img_size,), mean=render.mean,
-                                          std=render.std, interpolation=render.interpolation)
+                                          std=render.std, interpolation=render.view_interpolation,
+                                          effects=render.lut_views)
             result += [images2[0], outs[4]]
         return tuple(result)
 

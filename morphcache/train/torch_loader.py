@@ -38,7 +38,7 @@ class _ViewDataset(torch.utils.data.Dataset):
         from morphcache.extract.render_pil import render_pil
 
         r = self.render
-        return render_pil([encoded], params[None].astype(np.float32), size, r.mean, r.std, r.interpolation)[0]
+        return render_pil([encoded], params[None].astype(np.float32), size, r.mean, r.std, r.view_interpolation)[0]
 
     def __getitem__(self, global_sample: int) -> dict:
         out = self.source.sample(int(global_sample))
