@@ -20,7 +20,7 @@ from morphcache.evaluate.config import (
     TransferEvalOptions,
     resolved_config_path,
 )
-from morphcache.evaluate.results import read_results
+from morphcache.evaluate.results import load_results
 from morphcache.evaluate.settings import EvalSettings, FinetuneConfig, KnnConfig, LinearProbeConfig, SegProbeConfig
 
 TINY = "random:vit_tiny_patch16_224"
@@ -102,7 +102,7 @@ def test_eval_config_round_trip_and_flags_override_the_file(tmp_path):
     assert main(["eval", "knn", "--config", str(saved), "--k", "3"]) == 0  # the flag beats the file
     third = json.loads(saved.read_text())
     assert third == {**first, "k": 3}
-    rows = read_results(results)
+    rows = load_results(results)
     assert [r["config"]["k"] for r in rows] == [5, 5, 3] and all(r["config"]["temperature"] == 0.1 for r in rows)
     assert rows[0]["config"] == rows[1]["config"] and rows[0]["metrics"] == rows[1]["metrics"]
 

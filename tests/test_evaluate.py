@@ -19,7 +19,7 @@ from morphcache.evaluate.features import extract_features, prepare_images
 from morphcache.evaluate.finetune import FinetuneConfig, finetune, param_groups
 from morphcache.evaluate.knn import knn_evaluate, knn_scores, topk_accuracy
 from morphcache.evaluate.linear_probe import LinearProbeConfig, linear_probe_evaluate, train_linear_probe
-from morphcache.evaluate.results import append_result, read_results
+from morphcache.evaluate.results import append_result, load_results
 
 TINY = "vit_tiny_patch16_224"
 
@@ -332,7 +332,7 @@ def test_append_result_adds_version_and_timestamp(tmp_path):
     append_result(path, {"protocol": "linear", "metrics": {"top1": 60.0}, "timestamp": "t"})
     with open(path, "a") as f:
         f.write("not json\n")
-    rows = read_results(path)
+    rows = load_results(path)
     assert [r["protocol"] for r in rows] == ["knn", "linear"] and rows[0]["metrics"]["top1"] == 50.0
     assert rows[0]["morphcache_version"] == "0.1.0" and rows[1]["timestamp"] == "t"
 
@@ -363,7 +363,7 @@ def test_cli_checkpoint_default_results_in_run_dir_and_errors(tmp_path, student_
     code = main(["eval", "linear", "-c", str(run / "checkpoints" / "last.pt"), "-d", "digits?train=60&test=30",
                  "--epochs", "3"])
     assert code == 0
-    row = read_results(run / "eval.jsonl")[0]
+    row = load_results(run / "eval.jsonl")[0]
     assert row["protocol"] == "linear" and row["config"]["epochs"] == 3 and row["backbone_info"]["img_size"] == 32
     assert main(["eval", "knn", "-c", str(tmp_path / "none.pt"), "-d", "digits"]) == 2
     assert main(["eval", "knn", "-c", f"random:{TINY}", "-d", "folder:/no/such"]) == 2
@@ -379,7 +379,7 @@ def test_cli_transfer_writes_source_and_target_rows(tmp_path):
     code = main(["eval", "transfer", "-c", f"random:{TINY}", "--img-size", "32", "-d", "digits?train=50&test=20",
                  "--to", f"folder:{tmp_path / 'pets'}", "--protocols", "knn,linear", "--results", str(out)])
     assert code == 0
-    rows = read_results(out)
+    rows = load_results(out)
     assert [(r["protocol"], r.get("transfer_from")) for r in rows] == [
         ("knn", None), ("linear", None), ("knn", "digits?train=50&test=20"), ("linear", "digits?train=50&test=20")]
     assert rows[2]["config"]["n_classes"] == 2 and rows[2]["metrics"]["top1"] == 100.0  # flat colours: trivial

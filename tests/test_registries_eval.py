@@ -16,7 +16,7 @@ from morphcache import registries
 from morphcache.cli import main
 from morphcache.errors import ConfigError
 from morphcache.evaluate.datasets import DatasetSplits, load_dataset, parse_dataset_spec
-from morphcache.evaluate.results import EvalSettings, read_results, run_protocols
+from morphcache.evaluate.results import EvalSettings, load_results, run_protocols
 from morphcache.schemas import RunConfig
 
 TINY = "random:vit_tiny_patch16_224"
@@ -100,7 +100,7 @@ def test_a_toy_dataset_runs_knn_from_the_cli(tmp_path, scratch_registry):
     results = tmp_path / "eval.jsonl"
     assert main(["eval", "knn", "-c", TINY, "--img-size", "32", "-d", "toy-colours?train=10&test=6", "--k", "3",
                  "--device", "cpu", "--results", str(results)]) == 0
-    (row,) = read_results(results)
+    (row,) = load_results(results)
     assert row["dataset"] == "toy-colours?train=10&test=6" and row["config"]["n_train"] == 10
     assert row["config"]["n_classes"] == 2 and row["metrics"]["top1"] == 100.0  # flat colours: trivial
 

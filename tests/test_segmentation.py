@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from morphcache.cli import main
 from morphcache.errors import MorphcacheError
-from morphcache.evaluate.results import read_results
+from morphcache.evaluate.results import load_results
 from morphcache.evaluate.seg_datasets import (
     ADE20K_CLASSES,
     load_pair,
@@ -294,7 +294,7 @@ def test_teacher_probe_beats_random_weights_on_shapes(shapes, tmp_path, one_torc
     assert main(["eval", "segment", "--checkpoint", "random:vit_small_patch14_dinov2", *common]) == 0
     out = capsys.readouterr().out
     assert "segment seg-folder:" in out and "miou=" in out
-    teacher, rand = read_results(results)
+    teacher, rand = load_results(results)
     assert teacher["protocol"] == rand["protocol"] == "segment"
     assert teacher["config"]["grid"] == rand["config"]["grid"] == 8
     assert teacher["config"]["label_size"] == SIZE and teacher["config"]["n_train"] == 40
@@ -350,7 +350,7 @@ def test_segment_command_on_an_ade20k_tree_writes_a_row_and_examples(tmp_path, c
                  f"ade20k:{tmp_path / 'ade'}", "--img-size", "32", "--label-size", "20", "--epochs", "2",
                  "--layers", "2", "--no-batchnorm", "--results", str(results), "--examples", "1"]) == 0
     assert "segment ade20k:" in capsys.readouterr().out
-    (row,) = read_results(results)
+    (row,) = load_results(results)
     cfg, metrics = row["config"], row["metrics"]
     assert cfg["n_classes"] == 150 and cfg["ignore_index"] == 255 and cfg["evaluation"] == "resized"
     assert cfg["label_size"] == 20 and cfg["img_size"] == 32 and cfg["feature_dim"] == 2 * 192

@@ -16,7 +16,7 @@ from morphcache.evaluate.settings import LinearProbeConfig
 from morphcache.train.schedule import lr_at
 
 
-def make_probe(in_features: int, n_classes: int) -> nn.Sequential:
+def build_probe(in_features: int, n_classes: int) -> nn.Sequential:
     """``(B, F) -> (B, C)``: non-affine BatchNorm (feature standardization) + linear classifier."""
     head = nn.Linear(in_features, n_classes)
     nn.init.trunc_normal_(head.weight, std=0.01)
@@ -24,7 +24,7 @@ def make_probe(in_features: int, n_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(in_features, affine=False, eps=1e-6), head)
 
 
-def make_optimizer(params, optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_probe_optimizer(params, optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW, or SGD with momentum 0.9, for a probe's parameters; :class:`ConfigError` for another name."""
     if optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -44,8 +44,8 @@ def train_linear_probe(features: torch.Tensor, labels, n_classes: int,
         raise ConfigError(f"linear probe needs at least 2 samples with one label each, got {len(x)} and {len(y)}")
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    probe = make_probe(x.shape[1], n_classes)
-    opt = make_optimizer(probe.parameters(), config.optimizer, config.lr, config.weight_decay)
+    probe = build_probe(x.shape[1], n_classes)
+    opt = build_probe_optimizer(probe.parameters(), config.optimizer, config.lr, config.weight_decay)
     batch = min(config.batch_size, len(x))
     steps_per_epoch = max(1, len(x) // batch)  # drop the last partial batch (BatchNorm needs > 1 sample)
     total = steps_per_epoch * config.epochs

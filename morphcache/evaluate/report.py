@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from morphcache.errors import MorphcacheError
-from morphcache.evaluate.results import read_results
+from morphcache.evaluate.results import load_results
 
 
 def _plt():
@@ -36,9 +36,9 @@ def _plt():
     return plt
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def load_metrics(run_dir: Path) -> list[dict]:
     """Rows of ``run_dir/metrics.jsonl`` that have numeric ``step`` and ``loss``."""
-    return [r for r in read_results(run_dir / "metrics.jsonl")
+    return [r for r in load_results(run_dir / "metrics.jsonl")
             if isinstance(r.get("step"), (int, float)) and isinstance(r.get("loss"), (int, float))]
 
 
@@ -285,7 +285,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
     lines = ["# morphcache report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
 
     lines += ["## Training loss", ""]
-    curves = {labels[d]: read_metrics(d) for d in run_dirs}
+    curves = {labels[d]: load_metrics(d) for d in run_dirs}
     png = plot_loss_curves(curves, out_dir / "loss_curves.png")
     lines += [f"![loss curves]({png.name})" if png else "No run logged a loss (no metrics.jsonl).", ""]
     for d in run_dirs:
@@ -296,11 +296,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
     lines.append("")
 
     lines += ["## Accuracy (top-1 %; mIoU % for segment)", ""]
-    rows = [dict(r, _run=labels[d], _dir=d) for d in run_dirs for r in read_results(d / "eval.jsonl")]
+    rows = [dict(r, _run=labels[d], _dir=d) for d in run_dirs for r in load_results(d / "eval.jsonl")]
     for f in results_files:
         if not Path(f).is_file():
             raise MorphcacheError(f"results file {f} does not exist; pass a file written by morphcache eval")
-        rows += [_attach_run(dict(r, _dir=Path(f).parent), labels) for r in read_results(f)]
+        rows += [_attach_run(dict(r, _dir=Path(f).parent), labels) for r in load_results(f)]
     row_labels, col_labels, cells = accuracy_table(rows)
     if cells:
         lines += [markdown_table(row_labels, col_labels, cells), ""]

@@ -42,7 +42,7 @@ def append_result(path: str | os.PathLike, row: dict) -> dict:
     return row
 
 
-def read_results(path: str | os.PathLike) -> list[dict]:
+def load_results(path: str | os.PathLike) -> list[dict]:
     """All JSON-object lines of a results file (blank or malformed lines are skipped); [] if it is missing."""
     path = Path(path)
     if not path.is_file():

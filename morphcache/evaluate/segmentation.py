@@ -35,7 +35,7 @@ from torch import nn
 
 from morphcache.errors import ConfigError, MorphcacheError
 from morphcache.evaluate.features import autocast_context, prepare_images
-from morphcache.evaluate.linear_probe import make_optimizer
+from morphcache.evaluate.linear_probe import build_probe_optimizer
 from morphcache.train.schedule import lr_at
 from morphcache.evaluate.seg_datasets import SegDataset, SegSample, load_pair
 from morphcache.evaluate.settings import SegProbeConfig
@@ -161,7 +161,7 @@ def train_segmentation_probe(tokens: torch.Tensor, labels: torch.Tensor, n_class
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     probe = SegmentationProbe(tokens.shape[-1], n_classes, config.batchnorm).to(device)
-    opt = make_optimizer(probe.parameters(), config.optimizer, config.lr, config.weight_decay)
+    opt = build_probe_optimizer(probe.parameters(), config.optimizer, config.lr, config.weight_decay)
     batch = min(config.batch_size, len(tokens))
     steps_per_epoch = max(1, len(tokens) // batch)
     total = steps_per_epoch * config.epochs
