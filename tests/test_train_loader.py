@@ -250,16 +250,16 @@ def test_lut_views_render_bicubic_with_effects_in_both_loaders(store):
     the same within the cubic renderer tolerance (test_render: mean 0.03, max 1.5 levels)."""
     from morphcache.extract.render_dali import DaliRenderer
     from morphcache.extract.render_fidelity import pixel_differences
-    from morphcache.train.loader import DaliTrainLoader, RenderSpec, ViewSource
-    from morphcache.train.torch_loader import make_loader
+    from morphcache.train.loader import DaliTrainLoader, LoaderOptions, RenderSpec, ViewSource
+    from morphcache.train.torch_loader import build_loader
 
     t = store.spec.teacher
     assert store.spec.augment.interpolation == "linear"
     sampler = EpochSampler(store.ok_rows(), store.spec.views_per_image, batch_size=8, seed=2, second_view=True)
     render = RenderSpec(32, t.mean, t.std, second_view=True, lut_views=True)
     assert render.view_interpolation == "cubic" and RenderSpec(32, t.mean, t.std).view_interpolation == "linear"
-    (a,) = _take(DaliTrainLoader(store, sampler, render, workers=1), 1)
-    (b,) = _take(make_loader("torch", store, sampler, render, workers=0), 1)
+    (a,) = _take(DaliTrainLoader(LoaderOptions(store, sampler, render, workers=1)), 1)
+    (b,) = _take(build_loader("torch", LoaderOptions(store, sampler, render, workers=0)), 1)
     samples = [ViewSource(str(store.path), sampler, lut_size=32).sample(i) for i in range(8)]
     encoded = [s[0].tobytes() for s in samples]
     p1, p2 = np.stack([s[1] for s in samples]), np.stack([s[3] for s in samples])
