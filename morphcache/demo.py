@@ -174,7 +174,7 @@ def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: s
     """k-NN and linear probe of the teacher, a random-weight student and both students on ``dataset``, then the
     report; returns ``{backbone label: {protocol: top-1 %}}``."""
     from morphcache.evaluate.backbones import load_backbone
-    from morphcache.evaluate.datasets import load_dataset
+    from morphcache.evaluate.dataset_loading import load_dataset
     from morphcache.evaluate.linear_probe import LinearProbeConfig
     from morphcache.evaluate.report import write_report
     from morphcache.evaluate.results import EvalSettings, append_result, format_row, run_protocols

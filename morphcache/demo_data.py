@@ -55,7 +55,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def _fashion_mnist_folder(out: Path, n_images: int, seed: int, root: Path) -> DemoData:
-    from morphcache.evaluate.datasets import FASHION_MNIST_CLASSES, load_dataset
+    from morphcache.evaluate.dataset_loading import load_dataset
+    from morphcache.evaluate.datasets import FASHION_MNIST_CLASSES
 
     # Pretrain on train-split images that the k-NN/linear evaluation does not use as its test set.
     splits = load_dataset(f"fashion-mnist:{root}?train={n_images}&test=1&seed={seed + 1}")

@@ -81,3 +81,19 @@ def test_no_library_function_over_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name} ({lines} lines)")
     assert not long, "split these: " + ", ".join(long)
+
+
+def test_every_registering_module_is_a_listed_builtin():
+    """morphcache.testing.registries imports BUILTIN_MODULES before a scratch registry: a module that registers
+    parts but is missing there would lose its parts after the first test that registers a toy."""
+    from morphcache.testing.registries import BUILTIN_MODULES
+
+    registering = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(func, ast.Attribute) and func.attr == "register" and isinstance(func.value, ast.Attribute)
+                    and isinstance(func.value.value, ast.Name) and func.value.value.id == "registries"):
+                registering.add(name)
+    assert len(registering) >= 5
+    assert registering == set(BUILTIN_MODULES)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from morphcache.errors import MorphcacheError
 from morphcache.evaluate.backbones import load_backbone
-from morphcache.evaluate.datasets import fashion_mnist_dir, load_dataset, stratified_subset
+from morphcache.evaluate.dataset_loading import load_dataset
+from morphcache.evaluate.datasets import fashion_mnist_dir, stratified_subset
 from morphcache.evaluate.features import extract_features, prepare_images
 from morphcache.evaluate.finetune import FinetuneConfig, finetune, param_groups
 from morphcache.evaluate.knn import knn_evaluate, knn_scores, topk_accuracy

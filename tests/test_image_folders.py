@@ -19,7 +19,7 @@ from PIL import Image
 
 from morphcache.testing.images import EXPECTED, encode, image_zoo_files, picture
 from morphcache.errors import MorphcacheError
-from morphcache.evaluate.datasets import load_dataset
+from morphcache.evaluate.dataset_loading import load_dataset
 from morphcache.extract.folders import (
     SKIP_BROKEN_LINK,
     SKIP_EMPTY_CLASS,

@@ -3,7 +3,6 @@ extraction (store spec, resume, verify) works with it without editing any morphc
 
 from __future__ import annotations
 
-import catalogue
 import numpy as np
 import pytest
 import torch
@@ -14,12 +13,14 @@ from morphcache.errors import ConfigError
 from morphcache.extract.teachers import Teacher, load_teacher, parse_teacher_name
 from morphcache.schemas import TeacherSpec
 from morphcache.testing.images import write_noise_pngs
+from morphcache.testing.registries import scratch_registries
 
 
 @pytest.fixture()
-def scratch_registry(monkeypatch):
-    """Registrations made inside the test vanish after it."""
-    monkeypatch.setattr(catalogue, "REGISTRY", dict(catalogue.REGISTRY))
+def scratch_registry():
+    """Registrations made inside the test vanish after it (built-ins imported first, so none is lost)."""
+    with scratch_registries():
+        yield
 
 
 class PatchMeanTeacher(Teacher):

@@ -4,28 +4,30 @@ error listing what is registered."""
 
 from __future__ import annotations
 
-import catalogue
 import numpy as np
 import pytest
 import torch
 
-import morphcache.evaluate.protocols  # noqa: F401  (built-ins registered before any scratch registry)
+import morphcache.evaluate.protocols  # noqa: F401  (the built-ins these tests list)
 import morphcache.evaluate.seg_datasets  # noqa: F401
 import morphcache.train.losses.regression  # noqa: F401
 from morphcache import registries
 from morphcache.cli import main
 from morphcache.errors import ConfigError
-from morphcache.evaluate.datasets import DatasetSplits, load_dataset, parse_dataset_spec
+from morphcache.evaluate.dataset_loading import load_dataset
+from morphcache.evaluate.datasets import DatasetSplits, parse_dataset_spec
 from morphcache.evaluate.results import EvalSettings, load_results, run_protocols
 from morphcache.schemas import RunConfig
+from morphcache.testing.registries import scratch_registries
 
 TINY = "random:vit_tiny_patch16_224"
 
 
 @pytest.fixture()
-def scratch_registry(monkeypatch):
-    """Registrations made inside the test vanish after it."""
-    monkeypatch.setattr(catalogue, "REGISTRY", dict(catalogue.REGISTRY))
+def scratch_registry():
+    """Registrations made inside the test vanish after it (built-ins imported first, so none is lost)."""
+    with scratch_registries():
+        yield
 
 
 @pytest.fixture(autouse=True)

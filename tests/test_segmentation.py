@@ -18,13 +18,8 @@ from PIL import Image, ImageDraw
 from morphcache.cli import main
 from morphcache.errors import MorphcacheError
 from morphcache.evaluate.results import load_results
-from morphcache.evaluate.seg_datasets import (
-    ADE20K_CLASSES,
-    load_pair,
-    load_seg_dataset,
-    read_label_map,
-    resize_labels,
-)
+from morphcache.evaluate.dataset_loading import load_seg_dataset
+from morphcache.evaluate.seg_datasets import ADE20K_CLASSES, load_pair, read_label_map, resize_labels
 from morphcache.evaluate.segmentation import confusion_matrix, load_examples, segmentation_metrics
 
 SHAPE_CLASSES = ("background", "circle", "rectangle", "triangle")

@@ -35,9 +35,8 @@ def run_eval_command(model: type[EvalOptions], values: dict) -> int:
     from morphcache.device import describe, resolve_device, resolve_precision
     from morphcache.evaluate.backbones import load_backbone
     from morphcache.evaluate.config import write_resolved_config
-    from morphcache.evaluate.datasets import load_dataset
+    from morphcache.evaluate.dataset_loading import load_dataset, load_seg_dataset
     from morphcache.evaluate.results import append_result, format_row, run_protocols
-    from morphcache.evaluate.seg_datasets import load_seg_dataset
     from morphcache.evaluate.segmentation import save_examples
     from morphcache.evaluate.transfer import run_transfer
 

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from morphcache import registries
-from morphcache.errors import ConfigError, MorphcacheError
+from morphcache.errors import MorphcacheError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 #: Environment variable that points ``fashion-mnist`` (and ``morphcache demo``) at another idx folder.
@@ -310,35 +310,6 @@ def dataset_kind(spec: str) -> str:
     """The registry key of a SPEC: its text before ``:`` and ``?``, stripped and lower-cased
     (``'folder:/d?train=3'`` -> ``'folder'``)."""
     return spec.partition("?")[0].partition(":")[0].strip().lower()
-
-
-def load_any_dataset(spec: str, image_size: int = 224):
-    """The dataset of ``spec`` from the loader registered under its kind in :data:`morphcache.registries.datasets`
-    (a classification :class:`DatasetSplits` or a segmentation :class:`~morphcache.evaluate.seg_datasets.SegDataset`).
-
-    Raises:
-        ConfigError: nothing is registered under the kind (the message lists what is).
-        MorphcacheError: the loader's own checks (missing folder, bad option, ...).
-    """
-    import morphcache.evaluate.seg_datasets  # noqa: F401  (registers ade20k and seg-folder)
-
-    return registries.lookup(registries.datasets, dataset_kind(spec))(spec, image_size)
-
-
-def load_dataset(spec: str, image_size: int = 224) -> DatasetSplits:
-    """Load the classification dataset ``spec`` (see module doc; any kind registered in
-    :data:`morphcache.registries.datasets`). ``image_size`` only matters for loaders that decode to a fixed side
-    (``folder:``).
-
-    Raises:
-        ConfigError: an unregistered kind (the message lists what is registered), or a segmentation dataset.
-        MorphcacheError: the loader's own checks.
-    """
-    data = load_any_dataset(spec, image_size)
-    if not isinstance(data, DatasetSplits):
-        raise ConfigError(f"dataset {spec!r} is not a classification dataset ({type(data).__name__}); use it with "
-                          "eval segment")
-    return data
 
 
 def _splits(spec: str, train, test, classes, params: dict, skipped=()) -> DatasetSplits:

@@ -255,23 +255,6 @@ def _seg_folder(root: Path, seed: int) -> tuple[list[SegSample], list[SegSample]
     return [pairs[i] for i in train], [pairs[i] for i in val]
 
 
-def load_seg_dataset(spec: str) -> SegDataset:
-    """The pairs of ``spec`` from the loader registered under its kind in :data:`morphcache.registries.datasets`
-    (built in: ``ade20k``, ``seg-folder``; see module doc); nothing is decoded yet.
-
-    Raises:
-        ConfigError: an unregistered kind (the message lists what is registered), or a classification dataset.
-        MorphcacheError: a missing folder, an image without a mask, a missing class list or an unknown option.
-    """
-    from morphcache.evaluate.datasets import load_any_dataset
-
-    data = load_any_dataset(spec)
-    if not isinstance(data, SegDataset):
-        raise ConfigError(f"dataset {spec!r} is not a segmentation dataset ({type(data).__name__}); pass "
-                          "ade20k:DIR, seg-folder:DIR or another registered segmentation dataset")
-    return data
-
-
 def _seg_root(spec: str) -> tuple[str, Path, dict[str, int]]:
     """(kind, existing folder, query options) of a segmentation SPEC."""
     kind, arg, params = parse_dataset_spec(spec, _SEG_QUERY_KEYS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from morphcache.errors import ConfigError
-from morphcache.evaluate.datasets import load_dataset
+from morphcache.evaluate.dataset_loading import load_dataset
 from morphcache.evaluate.results import EvalSettings, run_protocols
 
 

@@ -180,7 +180,7 @@ class StudyRunner:
 
     def eval_data(self, spec: str):
         if self._eval_data is None:
-            from morphcache.evaluate.datasets import load_dataset
+            from morphcache.evaluate.dataset_loading import load_dataset
 
             self._eval_data = load_dataset(f"{spec}?train={self.sizes.eval_train}&test={self.sizes.eval_test}",
                                            STUDENT_SIZE)
