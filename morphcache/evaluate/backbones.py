@@ -173,7 +173,12 @@ def _load_random(spec: str, name: str, img_size: int | None, pooling: Pooling, s
 
 
 def load_backbone(spec: str, img_size: int | None = None, pooling: Pooling = "cls+mean") -> Backbone:
-    """Load the model named by ``spec`` (see module doc), optionally at input side ``img_size``."""
+    """Load the model named by ``spec`` (see module doc), optionally at input side ``img_size``.
+
+    Raises:
+        MorphcacheError: an unknown backbone SPEC (the message lists the forms), or a checkpoint that cannot be read.
+        ConfigError: an unknown ``pooling`` or a non-positive ``img_size``.
+    """
     if pooling not in POOLINGS:
         raise ConfigError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if img_size is not None and img_size <= 0:

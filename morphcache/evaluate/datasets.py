@@ -288,7 +288,11 @@ def _load_folder(root: Path, image_size: int, n_train: int | None, n_test: int |
 
 def parse_dataset_spec(spec: str, keys: Collection[str] = _QUERY_KEYS) -> tuple[str, str | None, dict[str, int]]:
     """``'fashion-mnist:/d?train=10'`` -> ``('fashion-mnist', '/d', {'train': 10})``. ``keys``: the integer query
-    options allowed (``train`` and ``test`` must be positive, any other key non-negative)."""
+    options allowed (``train`` and ``test`` must be positive, any other key non-negative).
+
+    Raises:
+        MorphcacheError: an unknown query option, or a value that is not an integer or is out of range.
+    """
     base, _, query = spec.partition("?")
     kind, sep, arg = base.partition(":")
     params: dict[str, int] = {}

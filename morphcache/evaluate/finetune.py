@@ -110,6 +110,9 @@ def finetune(backbone, data, config: FinetuneConfig = FinetuneConfig(), device: 
 
     Metrics: ``top1`` (and ``top5`` with > 5 classes) in percent, ``steps``, ``first_loss``, ``train_loss`` (mean
     of the last 10 steps), ``layer_decay_applied``, ``drop_path_applied``.
+
+    Raises:
+        ConfigError: non-positive epochs, batch size or lr.
     """
     if config.epochs <= 0 or config.batch_size <= 0 or config.lr <= 0:
         raise ConfigError(f"fine-tuning needs positive epochs, batch size and lr, got {config}")

@@ -35,7 +35,11 @@ def build_probe_optimizer(params, optimizer: str, lr: float, weight_decay: float
 
 def train_linear_probe(features: torch.Tensor, labels, n_classes: int,
                        config: LinearProbeConfig = LinearProbeConfig()) -> tuple[nn.Sequential, list[float]]:
-    """Train a probe on ``features (N, F)`` and ``labels int (N,)``; returns (probe in eval mode, epoch losses)."""
+    """Train a probe on ``features (N, F)`` and ``labels int (N,)``; returns (probe in eval mode, epoch losses).
+
+    Raises:
+        ConfigError: non-positive epochs, batch size or lr, or fewer than 2 samples / mismatched labels.
+    """
     if config.epochs <= 0 or config.batch_size <= 0 or config.lr <= 0:
         raise ConfigError(f"linear probe needs positive epochs, batch size and lr, got {config}")
     x = features.float()

@@ -274,7 +274,11 @@ def token_maps(run_dir: Path, out: Path, n_images: int = 4) -> Path:
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_files: Sequence[str | Path] = (),
                  n_images: int = 4) -> Path:
-    """Write ``out_dir/report.md`` and its PNGs for ``run_dirs``; returns the Markdown path."""
+    """Write ``out_dir/report.md`` and its PNGs for ``run_dirs``; returns the Markdown path.
+
+    Raises:
+        MorphcacheError: a run directory or results file that does not exist.
+    """
     run_dirs = [Path(d) for d in run_dirs]
     missing = [str(d) for d in run_dirs if not d.is_dir()]
     if missing:

@@ -25,7 +25,11 @@ from morphcache.evaluate.settings import EvalSettings
 
 def append_result(path: str | os.PathLike, row: dict) -> dict:
     """Append ``row`` as one JSON line to ``path`` (created with its parents); adds ``timestamp`` and
-    ``morphcache_version`` when absent. Returns the row as written."""
+    ``morphcache_version`` when absent. Returns the row as written.
+
+    Raises:
+        MorphcacheError: the results file cannot be written (the message names it).
+    """
     from morphcache import __version__
 
     row = dict(row)

@@ -154,7 +154,11 @@ def train_segmentation_probe(tokens: torch.Tensor, labels: torch.Tensor, n_class
                              config: SegProbeConfig = SegProbeConfig(),
                              device: str = "cpu") -> tuple[SegmentationProbe, list[float]]:
     """Train the probe on cached ``tokens (N, T, D)`` and ``labels (N, L, L)``; returns (probe in eval mode, mean
-    loss per epoch). The last partial batch of an epoch is dropped (BatchNorm statistics)."""
+    loss per epoch). The last partial batch of an epoch is dropped (BatchNorm statistics).
+
+    Raises:
+        ConfigError: token grids and label maps differ in number.
+    """
     if len(tokens) != len(labels) or len(tokens) < 1:
         raise ConfigError(f"segmentation probe needs images with one label map each, got {len(tokens)} and "
                           f"{len(labels)}")

@@ -17,7 +17,11 @@ from morphcache.evaluate.results import EvalSettings, run_protocols
 def run_transfer(backbone, source: str, target: str, protocols: Iterable[str] = ("knn", "linear"),
                  settings: EvalSettings | None = None, include_source: bool = True) -> list[dict]:
     """Run ``protocols`` on ``target`` (rows with ``transfer_from=source``), and on ``source`` first when
-    ``include_source``. ``source``/``target`` are dataset SPECs. Returns the rows (not yet written)."""
+    ``include_source``. ``source``/``target`` are dataset SPECs. Returns the rows (not yet written).
+
+    Raises:
+        ConfigError: the source and target datasets are the same; MorphcacheError / ConfigError from loading either.
+    """
     if source == target:
         raise ConfigError(f"transfer needs two different datasets, got {source!r} twice; change --to")
     protocols = list(protocols)
