@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from morphcache.cli import main
 from morphcache.config_cli import validate_config
@@ -27,12 +26,7 @@ TINY = "random:vit_tiny_patch16_224"
 DIGITS = "digits?train=30&test=10"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_protocol_settings_dump_the_keys_result_rows_always_had():

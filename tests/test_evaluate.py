@@ -25,12 +25,7 @@ from morphcache.evaluate.results import append_result, load_results
 TINY = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------- datasets

@@ -30,12 +30,7 @@ def scratch_registry():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _colours(spec: str, image_size: int = 224) -> DatasetSplits:

@@ -265,6 +265,24 @@ RUN_PRESETS: dict[str, dict] = {
 }
 
 
+def _registered(value: str, registry: str, noun: str, builtins: str) -> str:
+    """``value`` when it names a part in ``morphcache.registries.<registry>``, after importing ``builtins`` (the
+    module that registers the built-in ones).
+
+    Raises:
+        ValueError: nothing is registered under ``value`` (pydantic turns it into the field's one-line error).
+    """
+    import importlib
+
+    from morphcache import registries
+
+    importlib.import_module(builtins)
+    found = getattr(registries, registry)
+    if value not in found:
+        raise ValueError(f"not a registered {noun}; use one of {', '.join(registries.names(found))}")
+    return value
+
+
 class RunConfig(_Model):
     """A pretraining run's resolved configuration, saved as ``RUN_DIR/config.json``.
 
@@ -379,22 +397,12 @@ class RunConfig(_Model):
     @field_validator("objective")
     @classmethod
     def _registered_objective(cls, value: str) -> str:
-        from morphcache import registries
-        import morphcache.train.objectives  # noqa: F401  (registers the built-in objectives)
-
-        if value not in registries.objectives:
-            raise ValueError(f"not a registered objective; use one of {', '.join(registries.names(registries.objectives))}")
-        return value
+        return _registered(value, "objectives", "objective", "morphcache.train.objectives")
 
     @field_validator("loss")
     @classmethod
     def _registered_loss(cls, value: str) -> str:
-        from morphcache import registries
-        import morphcache.train.losses.regression  # noqa: F401  (registers the built-in losses)
-
-        if value not in registries.losses:
-            raise ValueError(f"not a registered loss; use one of {', '.join(registries.names(registries.losses))}")
-        return value
+        return _registered(value, "losses", "loss", "morphcache.train.losses.regression")
 
     @field_validator("dtm_case_ranges", mode="before")
     @classmethod
