@@ -131,7 +131,8 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
                                         f" (default: {default})" if default is not None else "")
         flags = extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)
         decls = list(flags) if isinstance(flags, (list, tuple)) else [flags]
-        option = typer.Option(*decls, help=help_text, show_default=False)
+        option = typer.Option(*decls, help=help_text, show_default=False,
+                              metavar="<str>" if kind == list[str] else None)  # as before, not "<list[str]>"
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Annotated[typing.Optional[kind], option], default=None))
     return params
