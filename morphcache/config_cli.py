@@ -4,10 +4,11 @@ As timm's ``--config`` and DINOv2's merged configs do, a command's options come 
 (:class:`~morphcache.schemas.RunConfig` for ``train``): each field becomes ``--field-name`` with the field's
 description as help and its default shown; ``--config run.yaml`` (YAML or JSON, e.g. a run directory's
 ``config.json``) sets any field, and flags given explicitly override the file. The merged values are validated by
-the model, and an invalid file or value is one line naming the field, the value and what is allowed
-(:class:`~morphcache.errors.ConfigError`, exit 2). A field whose command-line form differs from its type says so
-with ``Field(json_schema_extra={"cli_type": "str"})`` (e.g. ``--shard I/N`` for a ``(I, N)`` tuple, parsed by the
-model's validator); ``{"cli_flags": "--projected/--unprojected"}`` names a boolean's two flags, and a list
+the model, and an invalid file or value is one line naming where it came from (the flag a user types, or the
+``--config`` file and key), the value and what is allowed (:class:`~morphcache.errors.ConfigError`, exit 2). A field
+whose command-line form differs from its type says so with ``Field(json_schema_extra={"cli_type": "str"})`` (e.g.
+``--shard I/N`` for a ``(I, N)`` tuple, parsed by the model's validator; ``"list[str]"`` makes a repeatable flag);
+``{"cli_flags": "--projected/--unprojected"}`` names a boolean's two flags, and a list
 (``["--checkpoint", "-c"]``) gives an option several spellings. ``{"cli_registry": "datasets"}`` appends the names
 registered in that :mod:`morphcache.registries` registry to the help text (import the module that registers the
 built-ins before the command is decorated).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -50,6 +52,8 @@ def _option_type(annotation) -> tuple[Any, str]:
         return type(choices[0]), "one of " + " | ".join(str(c) for c in choices)
     if origin is tuple:
         return annotation, ""
+    if annotation == list[str]:  # a repeatable option (``--dtm-case 196,14 --dtm-case 98,7``)
+        return annotation, ""
     if annotation in (int, float, str, bool, Path):
         return annotation, ""
     return str, ""
@@ -63,6 +67,50 @@ def _registered(registry_name: str | None) -> str:
     from morphcache import registries
 
     return "registered: " + " | ".join(registries.names(getattr(registries, registry_name)))
+
+
+def cli_flag(model: type[BaseModel], name: str) -> str:
+    """The flag a user types for field ``name`` of ``model``: the first of its ``cli_flags`` (``--dtm-case`` for
+    ``dtm_case_ranges``, ``--projected`` of ``--projected/--unprojected``), else the generated ``--field-name``."""
+    field = model.model_fields.get(name)
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    flags = extra.get("cli_flags")
+    if isinstance(flags, (list, tuple)) and flags:
+        return str(flags[0])
+    if isinstance(flags, str) and flags:
+        return flags.split("/")[0]
+    return "--" + name.replace("_", "-")
+
+
+class ConfigValues(dict):
+    """The merged field values of a command (a plain dict to its users) that remember where they came from, so a
+    validation error can name the ``--config`` file and key or the flag: ``config_file`` (None without
+    ``--config``), ``file_keys`` (the keys the file set), ``flag_keys`` (the fields given as flags; they win) and
+    ``key_prefix`` (``"augment."`` for a mapping nested in the file)."""
+
+    def __init__(self, values=(), config_file: str | Path | None = None, file_keys=(), flag_keys=(),
+                 key_prefix: str = ""):
+        super().__init__(values)
+        self.config_file = config_file
+        self.file_keys = frozenset(file_keys)
+        self.flag_keys = frozenset(flag_keys)
+        self.key_prefix = key_prefix
+
+    def from_file(self, name: str) -> bool:
+        """Whether field ``name``'s value is the config file's (set there and not overridden by a flag)."""
+        return self.config_file is not None and name in self.file_keys and name not in self.flag_keys
+
+    def nested(self, name: str) -> "ConfigValues":
+        """The mapping under key ``name`` (e.g. extract's ``augment: {scale: ...}`` from the file), remembering
+        its file so an error names ``FILE: augment.scale``."""
+        inner = self[name]
+        if not self.from_file(name):
+            return ConfigValues(inner)
+        return ConfigValues(inner, self.config_file, inner, (), f"{self.key_prefix}{name}.")
+
+    def over(self, defaults: dict) -> "ConfigValues":
+        """``{**defaults, **self}`` (e.g. a preset's sizes under the given values), keeping where each came from."""
+        return ConfigValues({**defaults, **self}, self.config_file, self.file_keys, self.flag_keys, self.key_prefix)
 
 
 def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = ()) -> list[inspect.Parameter]:
@@ -83,7 +131,8 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
                                         f" (default: {default})" if default is not None else "")
         flags = extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)
         decls = list(flags) if isinstance(flags, (list, tuple)) else [flags]
-        option = typer.Option(*decls, help=help_text, show_default=False)
+        option = typer.Option(*decls, help=help_text, show_default=False,
+                              metavar="<str>" if kind == list[str] else None)  # as before, not "<list[str]>"
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Annotated[typing.Optional[kind], option], default=None))
     return params
@@ -118,18 +167,48 @@ def load_config_file(path: str | Path, model: type[BaseModel]) -> dict:
     return data
 
 
-def validate_config(model: type[BaseModel], values: dict, source: str = "option") -> BaseModel:
-    """``model(**values)``, with a validation error turned into one line naming the field, value and rule.
+def validate_config(model: type[BaseModel], values: dict, source: str | None = None) -> BaseModel:
+    """``model(**values)``, with a validation error turned into one line naming where the value came from, the
+    value and the rule: ``--flag: RULE (got VALUE)`` for a flag (the field's ``cli_flags``) or a plain dict,
+    ``FILE: key: RULE (got VALUE)`` for a key of the ``--config`` file (``values`` a :class:`ConfigValues`). A
+    missing required field names both ways to set it. ``source`` names the whole of ``values`` for an error that is
+    not about one field (a model validator), e.g. ``"augment"``.
 
     Raises:
-        ConfigError: the first invalid field.
+        ConfigError: the first invalid field, or every missing required one.
     """
     try:
         return model(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or source
-        raise ConfigError(f"--{field.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(describe_error(model, values, exc, source)) from None
+
+
+def describe_error(model: type[BaseModel], values: dict, exc: ValidationError, source: str | None = None) -> str:
+    """One line for ``exc`` (raised validating ``values`` against ``model``); see :func:`validate_config`."""
+    errors = exc.errors()
+    path = getattr(values, "config_file", None)
+    prefix = getattr(values, "key_prefix", "")
+    from_file = getattr(values, "from_file", lambda name: False)
+    missing = list(dict.fromkeys(str(e["loc"][0]) for e in errors
+                                 if e["type"] == "missing" and len(e["loc"]) == 1))
+    if errors[0]["type"] == "missing" and len(errors[0]["loc"]) == 1:
+        if path is not None and not getattr(values, "file_keys", ()) and not prefix:
+            return f"{path} is empty; required: {', '.join(missing)}"
+        s = "s" if len(missing) > 1 else ""
+        flags = ", ".join(cli_flag(model, n) for n in missing)
+        keys = ", ".join(f"{prefix}{n}:" for n in missing)
+        where = path if path is not None else "--config FILE"
+        return f"missing required option{s} {flags} (or key{s} {keys} in {where})"
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    if loc:
+        head = f"{path}: {prefix}{'.'.join(loc)}" if from_file(loc[0]) else cli_flag(model, loc[0])
+        got = "" if re.search(r"\bgot\b", msg) else f" (got {err.get('input')!r})"  # the rule may say it
+        return f"{head}: {msg}{got}"
+    if prefix:  # a rule of a mapping nested in the file
+        return f"{path}: {prefix[:-1]}: {msg}"
+    return f"--{source.replace('_', '-')}: {msg}" if source else msg
 
 
 def options_from_model(model: type[BaseModel], exclude: typing.Collection[str] = ()) -> Callable:
@@ -152,8 +231,10 @@ def options_from_model(model: type[BaseModel], exclude: typing.Collection[str] =
         def command(**kwargs):
             path = kwargs.pop(CONFIG_OPTION)
             given = {n: kwargs.pop(n) for n in names}
-            values = load_config_file(path, model) if path is not None else {}
-            values.update({n: (list(v) if isinstance(v, tuple) else v) for n, v in given.items() if v is not None})
+            from_file = load_config_file(path, model) if path is not None else {}
+            flags = {n: (list(v) if isinstance(v, tuple) else v) for n, v in given.items()
+                     if v is not None and v != ()}  # () = a repeatable option not given
+            values = ConfigValues({**from_file, **flags}, path, from_file, flags)
             return fn(values, **kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + [config_param] + fields

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import pytest
 import typer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from typer.testing import CliRunner
 
 from morphcache.config_cli import options_from_model, validate_config
@@ -76,8 +76,8 @@ def test_a_saved_json_config_loads_back(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("store: s\nlr: -1\n", r"--lr: Input should be greater than 0 \(got -1\)"),
-    ("store: s\nloss: huber\n", r"--loss: Input should be 'l1' or 'l2' \(got 'huber'\)"),
+    ("store: s\nlr: -1\n", r"bad.yaml: lr: Input should be greater than 0 \(got -1\)"),
+    ("store: s\nloss: huber\n", r"bad.yaml: loss: Input should be 'l1' or 'l2' \(got 'huber'\)"),
     ("store: s\nlearning_rate: 1\n", r"unknown option\(s\) learning_rate; known: store, lr"),
     ("- a\n- b\n", "must hold a mapping"),
     ("store: [unclosed\n", "not valid YAML/JSON at line"),
@@ -97,9 +97,81 @@ def test_missing_config_file_is_named(tmp_path):
     assert isinstance(result.exception, ConfigError) and "absent.yaml: cannot read it" in str(result.exception)
 
 
-def test_required_field_missing_everywhere_is_named():
+def test_required_field_missing_everywhere_is_named(tmp_path):
     result, _ = _run(["run"])
-    assert isinstance(result.exception, ConfigError) and str(result.exception).startswith("--store: Field required")
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == "missing required option --store (or key store: in --config FILE)"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.5\n")
+    result, _ = _run(["run", "--config", str(cfg)])
+    assert str(result.exception) == f"missing required option --store (or key store: in {cfg})"
+
+
+@pytest.mark.parametrize("content", ["", "# nothing set yet\n", "{}\n"])
+def test_an_empty_config_file_says_so_and_names_what_is_required(tmp_path, content):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(content)
+    result, _ = _run(["run", "--config", str(cfg)])
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == f"{cfg} is empty; required: store"
+
+
+def test_a_bad_value_names_the_file_and_key_or_the_flag_it_came_from(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("store: s\nlr: -1\n")
+    result, _ = _run(["run", "--config", str(cfg)])
+    assert str(result.exception) == f"{cfg}: lr: Input should be greater than 0 (got -1)"
+    result, _ = _run(["run", "--config", str(cfg), "--lr", "-2"])  # the flag wins, so the flag is named
+    assert str(result.exception) == "--lr: Input should be greater than 0 (got -2.0)"
+    result, seen = _run(["run", "--config", str(cfg), "--lr", "0.5"])
+    assert result.exit_code == 0 and seen["config"].lr == 0.5
+
+
+class Flagged(BaseModel):
+    cases: list[tuple[int, int]] | None = Field(default=None, json_schema_extra={"cli_flags": "--case",
+                                                                                "cli_type": "list[str]"})
+    checkpoint: str = Field(default="c", min_length=2, json_schema_extra={"cli_flags": ["--checkpoint", "-c"]})
+    projected: int = Field(default=1, ge=0, json_schema_extra={"cli_flags": "--projected/--unprojected"})
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _no_x(cls, value):
+        if value == "xx":
+            raise ValueError("not xx")
+        return value
+
+
+def test_errors_name_the_field_s_cli_flag_and_drop_pydantic_s_value_error_prefix():
+    from morphcache.config_cli import cli_flag
+
+    assert [cli_flag(Flagged, n) for n in ("cases", "checkpoint", "projected", "other_name")] == [
+        "--case", "--checkpoint", "--projected", "--other-name"]
+    with pytest.raises(ConfigError, match=r"^--case: Input should be a valid list \(got '98'\)$"):
+        validate_config(Flagged, {"cases": "98"})
+    with pytest.raises(ConfigError, match=r"^--checkpoint: String should have at least 2 characters"):
+        validate_config(Flagged, {"checkpoint": "c"})
+    with pytest.raises(ConfigError, match=r"^--checkpoint: not xx \(got 'xx'\)$"):
+        validate_config(Flagged, {"checkpoint": "xx"})
+
+
+def test_a_list_str_field_is_a_repeatable_flag():
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @options_from_model(Flagged)
+    def run(values: dict) -> int:
+        seen["values"] = dict(values)
+        return 0
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    assert CliRunner().invoke(app, ["run", "--case", "1,2", "--case", "3,4"]).exit_code == 0
+    assert seen["values"] == {"cases": ["1,2", "3,4"]}
+    assert CliRunner().invoke(app, ["run"]).exit_code == 0
+    assert seen["values"] == {}  # not given: left to the model's default
 
 
 def test_train_takes_every_run_option_from_a_config_file_and_flags_win(tmp_path, capsys):
@@ -131,7 +203,7 @@ def test_train_and_extract_config_errors_are_one_line_exit_2(tmp_path, capsys):
     bad.write_text("store: s\nepochs: 0\n")
     assert main(["train", "--config", str(bad), "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "morphcache: error: --epochs: Input should be greater than 0 (got 0)"
+    assert err == f"morphcache: error: {bad}: epochs: Input should be greater than 0 (got 0)"
     bad.write_text("data: d\nout: o\nviews: 2\nshard: 5/2\n")
     assert main(["extract", "--config", str(bad)]) == 2
     assert "--shard '5/2'" in capsys.readouterr().err
@@ -158,3 +230,47 @@ def test_extract_from_a_config_file_equals_the_same_flags(tmp_path, capsys):
 
     for name in ("tokens", "scales", "views", "images/hash"):
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("args, content, message", [
+    (["--store", "s", "--dtm-case", "98"], None,
+     "--dtm-case: each case must be N,K (two integers), e.g. 196,14; got '98'"),
+    (["--store", "s", "--dtm-case", "98,7", "--dtm-case", "5,0"], None,
+     "--dtm-case: each DTM case needs N >= 0 and K >= 1, got (5, 0)"),
+    (["--store", "s", "--loss", "huber"], None,
+     "--loss: not a registered loss; use one of cosine, l1, l2, smooth_l1 (got 'huber')"),
+    ([], "store: s\ndtm_case_ranges: 98\n", "{cfg}: dtm_case_ranges: expected a list of N,K cases (two integers "
+     "each), e.g. ['196,14', '98,7'] or --dtm-case 196,14 --dtm-case 98,7; got 98"),
+    ([], "store: s\nepochs: ten\n", "{cfg}: epochs: Input should be a valid integer, unable to parse string as "
+     "an integer (got 'ten')"),
+    ([], "", "{cfg} is empty; required: store"),
+    ([], "epochs: 2\n", "missing required option --store (or key store: in {cfg})"),
+    (["--epochs", "3"], None, "missing required option --store (or key store: in --config FILE)"),
+])
+def test_train_errors_name_the_typed_flag_or_the_file_and_key_exit_2(tmp_path, capsys, args, content, message):
+    from morphcache.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    if content is not None:
+        cfg.write_text(content)
+        args = [*args, "--config", str(cfg)]
+    assert main(["train", *args, "--print-config", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"morphcache: error: {message.format(cfg=cfg)}\n"
+
+
+def test_dtm_case_repeats_per_case(capsys):
+    from morphcache.cli import main
+
+    assert main(["train", "--store", "s", "--dtm-case", "98,7", "--dtm-case", "20,2", "--print-config",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtm_case_ranges"] == [[98, 7], [20, 2]]
+
+
+def test_extract_augment_errors_from_the_file_name_it(tmp_path, capsys):
+    from morphcache.cli import main
+
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text("data: d\nout: o\naugment: {scale: [0.9, 0.1]}\n")
+    assert main(["extract", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == (f"morphcache: error: {cfg}: augment: scale must satisfy 0 < lo <= hi <= 1, "
+                                       "got (0.9, 0.1)\n")

@@ -113,13 +113,14 @@ def test_a_yaml_config_sets_segment_options(tmp_path):
 
 @pytest.mark.parametrize("command, content, message", [
     ("knn", "checkpoint: c\ndataset: digits\nkk: 3\n", "unknown option(s) kk; known: checkpoint"),
-    ("knn", "checkpoint: c\ndataset: digits\nk: 0\n", "--k: Input should be greater than 0 (got 0)"),
-    ("linear", "checkpoint: c\ndataset: mnist\n", "--dataset: Value error, unknown dataset 'mnist'; registered: "),
-    ("finetune", "checkpoint: c\ndataset: digits\nhflip: 2\n", "--hflip: Input should be less than or equal to 1"),
+    ("knn", "checkpoint: c\ndataset: digits\nk: 0\n", "bad.yaml: k: Input should be greater than 0 (got 0)"),
+    ("linear", "checkpoint: c\ndataset: mnist\n", "bad.yaml: dataset: unknown dataset 'mnist'; registered: "),
+    ("finetune", "checkpoint: c\ndataset: digits\nhflip: 2\n",
+     "bad.yaml: hflip: Input should be less than or equal to 1"),
     ("transfer", "checkpoint: c\ndataset: digits\nto: digits\nprotocols: knn,bogus\n",
      "unknown protocol 'bogus'; registered: finetune, knn, linear, segment"),
     ("segment", "checkpoint: c\ndataset: ade20k:/x\nprecision: fp16\n",
-     "--precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
+     "bad.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
 ])
 def test_bad_config_keys_and_values_are_one_line_exit_2(tmp_path, capsys, command, content, message):
     cfg = tmp_path / "bad.yaml"
@@ -128,3 +129,20 @@ def test_bad_config_keys_and_values_are_one_line_exit_2(tmp_path, capsys, comman
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("morphcache: error: ") and message in err, err
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_eval_errors_name_the_flag_a_user_types_and_what_is_missing(tmp_path, capsys):
+    """A flag's error names the flag (``--dataset``, the first of ``-d/--dataset``; ``--checkpoint`` not
+    ``--checkpoint``'s field name), without pydantic's ``Value error, `` prefix; a missing required option names the
+    flag and the ``--config`` key."""
+    assert main(["eval", "linear", "-c", "c", "-d", "mnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("morphcache: error: --dataset: unknown dataset 'mnist'; registered: ")
+    assert "Value error" not in err
+    assert main(["eval", "knn", "--dataset", "digits"]) == 2
+    assert capsys.readouterr().err == ("morphcache: error: missing required option --checkpoint (or key checkpoint: "
+                                       "in --config FILE)\n")
+    cfg = tmp_path / "knn.yaml"
+    cfg.write_text("")
+    assert main(["eval", "knn", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == f"morphcache: error: {cfg} is empty; required: checkpoint, dataset\n"

@@ -66,7 +66,7 @@ def test_unknown_names_list_what_is_registered(capsys):
     with pytest.raises(ValueError, match="not a registered loss; use one of cosine, l1, l2, smooth_l1"):
         RunConfig(store="s", loss="huber")
     assert main(["train", "--store", "s", "--loss", "huber", "--print-config", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == ("morphcache: error: --loss: Value error, not a registered loss; use one of "
+    assert capsys.readouterr().err == ("morphcache: error: --loss: not a registered loss; use one of "
                                        "cosine, l1, l2, smooth_l1 (got 'huber')\n")
 
 

@@ -73,6 +73,8 @@ def test_report_survives_empty_runs_and_refuses_missing_dirs(tmp_path):
     (tmp_path / "empty").mkdir()
     text = write_report([tmp_path / "empty"], tmp_path / "out").read_text()
     assert "No run logged a loss" in text and "No evaluation rows" in text
+    where = tmp_path / "empty" / "eval.jsonl"
+    assert f"No evaluation rows found; searched `{where}`." in text and "`--results FILE`" in text
     assert not (tmp_path / "out" / "loss_curves.png").exists()
     with pytest.raises(MorphcacheError, match="does not exist"):
         write_report([tmp_path / "nope"], tmp_path / "out")
@@ -157,3 +159,15 @@ def test_results_rows_of_a_runs_checkpoint_are_labelled_with_the_run(tmp_path):
     assert _attach_run(other, labels) is other
     elsewhere = {"backbone": str(tmp_path / "x" / "checkpoint.pt")}
     assert "_run" not in _attach_run(elsewhere, labels)
+
+
+def test_report_command_says_where_it_looked_for_evaluation_rows(tmp_path, capsys):
+    from morphcache.cli import main
+
+    (tmp_path / "run").mkdir()
+    extra = tmp_path / "other.jsonl"
+    extra.write_text("")
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--results", str(extra)]) == 0
+    out = capsys.readouterr().out
+    assert (f"report: No evaluation rows found; searched {tmp_path / 'run' / 'eval.jsonl'}, {extra}. " in out
+            and "--results FILE" in out)

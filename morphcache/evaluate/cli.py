@@ -96,5 +96,8 @@ def report_command(
     from morphcache.evaluate.report import write_report
 
     md = write_report(run_dirs, out, results or (), images)
+    empty = [line for line in md.read_text(encoding="utf-8").splitlines() if line.startswith("No evaluation rows")]
+    if empty:  # the accuracy table is empty: say where rows were looked for
+        typer.echo(f"report: {empty[0].replace('`', '')}")
     typer.echo(str(md))
     return 0

@@ -310,7 +310,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
         lines += [markdown_table(row_labels, col_labels, cells), ""]
         lines += [f"![accuracy]({plot_accuracy(row_labels, col_labels, cells, out_dir / 'accuracy.png').name})", ""]
     else:
-        lines += ["No evaluation rows (eval.jsonl) found.", ""]
+        lines += [no_eval_rows_message(run_dirs, results_files), ""]
     seg_lines = segmentation_section(rows, out_dir)
     if seg_lines:
         lines += ["## Semantic segmentation (linear probe)", "",
@@ -333,6 +333,14 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, results_fi
     md = out_dir / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return md
+
+
+def no_eval_rows_message(run_dirs: Sequence[Path], results_files: Sequence[str | Path] = ()) -> str:
+    """Why the accuracy table is empty: the files that were searched, and how to add others."""
+    searched = [f"`{Path(d) / 'eval.jsonl'}`" for d in run_dirs] + [f"`{f}`" for f in results_files]
+    return (f"No evaluation rows found; searched {', '.join(searched) or 'no files'}. `morphcache eval` appends "
+            "them to RUN_DIR/eval.jsonl for a checkpoint of that run; pass other results files with "
+            "`--results FILE`.")
 
 
 def _attach_run(row: dict, labels: dict[Path, str]) -> dict:

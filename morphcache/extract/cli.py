@@ -38,7 +38,8 @@ def extract_command(
         values["augment"] = load_augment_spec(str(augment) if augment is not None else None, scale=crop_scale,
                                          interpolation=interpolation)
     elif isinstance(values["augment"], dict):  # from --config: the file's augment mapping
-        values["augment"] = validate_config(AugmentSpec, values["augment"], "augment")
+        values["augment"] = validate_config(AugmentSpec, values.nested("augment") if hasattr(values, "nested")
+                                           else values["augment"], "augment")
     requested = validate_config(ExtractOptions, values)
     opts = resolve_options(requested)
     typer.echo(f"extract: {describe(opts.device, opts.precision, requested.device, requested.precision)}, "

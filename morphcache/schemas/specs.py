@@ -160,7 +160,8 @@ def load_augment_spec(path: str | None = None, **overrides) -> AugmentSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "augment"
-        raise ConfigError(f"augmentation {where}={err.get('input')!r}: {err['msg']}; fields and ranges are in "
+        rule = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"augmentation {where}={err.get('input')!r}: {rule}; fields and ranges are in "
                           "`morphcache schemas export` (AugmentSpec)") from None
 
 
@@ -418,6 +419,9 @@ class RunConfig(_Model):
                     item = tuple(int(p) for p in parts)
                 out.append(item)
             return out
+        if value is not None:  # one scalar (``dtm_case_ranges: 98`` in a file): say the expected form
+            raise ValueError(f"expected a list of N,K cases (two integers each), e.g. ['196,14', '98,7'] or "
+                             f"--dtm-case 196,14 --dtm-case 98,7; got {value!r}")
         return value
 
     @field_validator("clip_grad")
@@ -425,15 +429,17 @@ class RunConfig(_Model):
     def _no_clip_as_none(cls, value):
         return None if value == 0 else value
 
-    @model_validator(mode="after")
-    def _check_cases(self) -> "RunConfig":
-        if self.dtm_case_ranges is not None:
-            if not self.dtm_case_ranges:
+    @field_validator("dtm_case_ranges")
+    @classmethod
+    def _check_cases(cls, value):
+        """At least one case, each with N >= 0 and K >= 1 (a field rule, so an error names --dtm-case or the key)."""
+        if value is not None:
+            if not value:
                 raise ValueError("dtm_case_ranges must hold at least one (N, K)")
-            for n, k in self.dtm_case_ranges:
+            for n, k in value:
                 if n < 0 or k < 1:
                     raise ValueError(f"each DTM case needs N >= 0 and K >= 1, got ({n}, {k})")
-        return self
+        return value
 
     def effective_betas(self) -> tuple[float, float]:
         """AdamW betas of this run (``adam_betas``, or the objective's released default)."""

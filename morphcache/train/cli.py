@@ -41,14 +41,15 @@ def train_command(
     import json
     import os
 
-    from morphcache.config_cli import validate_config
+    from morphcache.config_cli import ConfigValues, validate_config
     from morphcache.device import describe, resolve_device, resolve_precision
     from morphcache.errors import ConfigError
     from morphcache.schemas.specs import RUN_PRESETS
 
     preset = values.get("preset", "release")
     if preset in RUN_PRESETS:  # a preset's sizes, unless set explicitly (flags or --config)
-        values = {**RUN_PRESETS[preset], **values}
+        values = (values.over(RUN_PRESETS[preset]) if isinstance(values, ConfigValues)
+                  else {**RUN_PRESETS[preset], **values})
     requested = validate_config(RunConfig, values)
     chosen_device = resolve_device(device)
     precision = resolve_precision(requested.precision, chosen_device, allowed=("bf16", "fp32"))
