@@ -3,7 +3,9 @@
 Each stage's command functions live in that stage's ``cli`` module and import their heavy dependencies lazily,
 so ``morphcache --help`` starts fast. :func:`main` takes an argv list (tests call it directly) and returns the
 exit code: 0 success, 1 a check found problems (e.g. ``store verify``) or an internal error, 2 bad input (one line
-on stderr). An internal error (any exception that is not a :class:`~morphcache.errors.MorphcacheError`) prints one
+on stderr), 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), both with one line saying that the same command
+resumes. SIGTERM is turned into a :class:`Terminated` (a ``KeyboardInterrupt``) so ``finally:`` blocks run and
+loader worker processes are stopped. An internal error (any exception that is not a :class:`~morphcache.errors.MorphcacheError`) prints one
 line naming the command and the error and writes the full traceback to a file (:func:`write_traceback`), or
 prints the traceback with ``--debug`` / ``MORPHCACHE_DEBUG=1``.
 """
@@ -44,6 +46,48 @@ def schemas_export(out_dir: Annotated[Path, typer.Argument(help="directory to wr
 
 
 DEBUG_ENV = "MORPHCACHE_DEBUG"
+INTERRUPTED = "morphcache: interrupted; run the same command again to resume"
+INTERRUPTED_BY_TYPER = 130  # no command returns 130 itself
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (see :func:`main`): handled like Ctrl-C, exit code 143."""
+
+    exit_code = 143
+
+
+_TERMINATED: list[int] = []  # SIGTERM arrived during this main() call
+
+
+def _raise_terminated(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
+def _install_sigterm_handler():
+    """Make SIGTERM raise :class:`Terminated`; returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or :class:`Terminated`) behind ``exc``: typer turns one into ``Exit(130)`` and click
+    into ``Abort``, keeping it as the cause."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _interrupted(exc: KeyboardInterrupt | None = None) -> int:
+    print(INTERRUPTED, file=sys.stderr)
+    return 143 if _TERMINATED or isinstance(exc, Terminated) else 130
 _GROUPS = ("store", "eval", "schemas")
 
 
@@ -153,26 +197,46 @@ def _click_exception_types() -> tuple[tuple, tuple, tuple]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0 done, 1 a check found
     problems or an internal error (one line; the traceback goes to a file), 2 bad input (one line), 130
-    interrupted."""
+    interrupted (Ctrl-C), 143 terminated (SIGTERM); both print :data:`INTERRUPTED`."""
     click_exit, click_error, click_abort = _click_exception_types()
     debug, args = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    _TERMINATED.clear()
+    previous = _install_sigterm_handler()
+    try:
+        return _run(args, debug, click_exit, click_error, click_abort)
+    except KeyboardInterrupt as exc:  # one arriving while an error above is being reported
+        return _interrupted(exc)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str], debug: bool, click_exit, click_error, click_abort) -> int:
     try:
         result = app(args=args, prog_name="morphcache", standalone_mode=False)
     except MorphcacheError as exc:
         print(f"morphcache: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except click_exit as exc:
-        return int(exc.exit_code or 0)
+        interrupt = _interrupt_in(exc)  # typer: KeyboardInterrupt -> Exit(130), silently
+        return _interrupted(interrupt) if interrupt is not None else int(exc.exit_code or 0)
     except click_error as exc:  # usage errors: unknown option or command, a value of the wrong type, no arguments
         exc.show()
         return 2
-    except click_abort:
+    except click_abort as exc:
+        interrupt = _interrupt_in(exc)
+        if interrupt is not None:
+            return _interrupted(interrupt)
         print("morphcache: aborted", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("morphcache: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except Exception as exc:  # an internal error: one line here, the traceback in a file (or here with --debug)
+        interrupt = _interrupt_in(exc)  # e.g. a loader re-raising the KeyboardInterrupt it caught
+        if interrupt is not None:
+            return _interrupted(interrupt)
         what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         cmd = command_name(args)
         cmd = "morphcache" if cmd == "morphcache" else f"morphcache {cmd}"
@@ -185,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{cmd}: internal error: {what}; {where} (--debug or {DEBUG_ENV}=1 prints it); "
               "please report it", file=sys.stderr)
         return 1
+    if result == INTERRUPTED_BY_TYPER:  # typer catches a KeyboardInterrupt and returns 130 (standalone_mode=False)
+        return _interrupted()
     return int(result or 0) if isinstance(result, int) else 0
 
 

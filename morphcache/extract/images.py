@@ -70,7 +70,21 @@ def bad_image(name: str | Path, reason: int, detail: str = "") -> BadImageError:
     what = STATUS_REASONS.get(reason, f"status {reason}")
     name = path_to_text(str(name))  # a name that is not UTF-8 is shown with \xHH escapes
     extra = f" ({detail})" if detail else ""
-    return BadImageError(f"{name}: {what}{extra}; fix or remove the file, or use --on-bad-image skip", reason=reason)
+    return BadImageError(f"{name}: {what}{extra}; {EXTRACT_HINT}", reason=reason)
+
+
+#: What a bad image's message tells an ``extract`` user to do (:func:`bad_image`).
+EXTRACT_HINT = "fix or remove the file, or use --on-bad-image skip"
+
+
+def with_training_hint(exc: BadImageError, root: str | Path) -> BadImageError:
+    """``exc`` with the extraction hint replaced by what helps a command that re-reads a store's images (``train``
+    has no ``--on-bad-image``; a missing file usually means the image folder moved: ``--image-root``)."""
+    hint = (f"if the image folder moved, pass --image-root DIR pointing at its new place (images were read from "
+            f"{path_to_text(str(root))}); otherwise restore the file as it was at extraction")
+    message = str(exc)
+    message = message.replace(EXTRACT_HINT, hint) if EXTRACT_HINT in message else f"{message}; {hint}"
+    return BadImageError(message, reason=exc.reason, index=exc.index)
 
 
 def read_file_bytes(path: str | Path) -> bytes:

@@ -29,13 +29,17 @@ class StoredImages:
 
         self.root = Path(root)
         self.images = images
+        self.training_hint = False  # from_store: bad-image messages suggest --image-root, not --on-bad-image
         self._tar = (TarMembers(self.root, images, max_open or DEFAULT_MAX_OPEN_SHARDS)
                      if isinstance(images, TarImageTable) else None)
 
     @classmethod
     def from_store(cls, store, root: str | os.PathLike | None = None, max_open: int | None = None) -> "StoredImages":
-        """For an open ``FeatureStore``; ``root`` overrides the recorded dataset root (``--image-root``)."""
-        return cls(store.spec.dataset_root if root is None else root, store.image_table(), max_open)
+        """For an open ``FeatureStore``; ``root`` overrides the recorded dataset root (``--image-root``). Used by
+        the training loaders: a bad image's message suggests ``--image-root`` instead of ``--on-bad-image``."""
+        stored = cls(store.spec.dataset_root if root is None else root, store.image_table(), max_open)
+        stored.training_hint = True
+        return stored
 
     def name(self, i: int) -> Path:
         """Row ``i``'s source as named in messages (``root/path``; ``root/<shard>/<member>`` for tar members)."""
@@ -48,12 +52,18 @@ class StoredImages:
         ``verify``: the cheap integrity check of pass-through JPEG/PNG. Bad images raise
         :class:`~morphcache.errors.BadImageError` (``.reason`` = status code), naming the file or shard and key.
         """
-        from morphcache.extract.images import load_stored_image_bytes
+        from morphcache.errors import BadImageError
+        from morphcache.extract.images import load_stored_image_bytes, with_training_hint
 
         expected = str(self.images.hash[i]) if check_hash else ""
-        if self._tar is not None:
-            return self._tar.load(i, expected, verify=verify)
-        return load_stored_image_bytes(self.name(i), expected, verify=verify)
+        try:
+            if self._tar is not None:
+                return self._tar.load(i, expected, verify=verify)
+            return load_stored_image_bytes(self.name(i), expected, verify=verify)
+        except BadImageError as exc:
+            if not self.training_hint:
+                raise
+            raise with_training_hint(exc, self.root) from None
 
     def close(self) -> None:
         if self._tar is not None:

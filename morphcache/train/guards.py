@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from morphcache.errors import ConfigError, StoreError
@@ -127,4 +128,16 @@ def check_run_dir(out_dir: Path, config: RunConfig, resume: bool) -> bool:
     if ckpt.is_file():
         raise ConfigError(f"{out_dir}: already holds a checkpoint of this run; pass --resume to continue it "
                           "or choose another --out")
+    logged = _logged_steps(out_dir / "metrics.jsonl")
+    if logged:  # an interrupted run that never reached a checkpoint: say so rather than truncate it silently
+        print(f"train: {out_dir} holds {logged} logged steps of this run but no checkpoint.pt to resume from; "
+              "restarting from step 1 (metrics.jsonl is rewritten; --checkpoint-every N saves one every N steps)",
+              file=sys.stderr)
     return False
+
+
+def _logged_steps(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except OSError:
+        return 0

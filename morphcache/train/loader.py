@@ -177,6 +177,18 @@ class TrainLoader(Protocol):
     def close(self) -> None: ...
 
 
+def _ignore_sigint_in_worker() -> None:
+    """In a loader worker process (unpickling a ViewSource), ignore SIGINT: Ctrl-C reaches the terminal's whole
+    process group, and a worker would print its own KeyboardInterrupt traceback. The main process handles it
+    and stops the workers (``close()``)."""
+    import multiprocessing
+    import signal
+    import threading
+
+    if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ViewSource:
     """Per-sample callable: global sample -> (encoded uint8 (n,), params float32 (P,), row int64 (1,)[, params2, row2]).
 
@@ -200,6 +212,10 @@ class ViewSource:
         state = dict(self.__dict__)
         state["_views"] = state["_images"] = state["_sizes"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _ignore_sigint_in_worker()
 
     def _open(self) -> None:
         from morphcache.extract.stored_images import StoredImages
@@ -298,7 +314,12 @@ class DaliTrainLoader:
     def close(self) -> None:
         if self.targets is not None:
             self.targets.close()
-        self._pipe = None  # dropping the pipeline stops its worker processes
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:  # stop the executor, then join the worker processes (not left to the GC: a traceback
+            pipe._shutdown()  # being handled keeps the pipeline alive until the interpreter exits)
+            pool = getattr(pipe, "_py_pool", None)
+            if pool is not None:
+                pool.close()
 
 
 def _build_pipeline(source: ViewSource, render: RenderSpec, batch_size: int, workers: int, threads: int,

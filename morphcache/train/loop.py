@@ -296,14 +296,15 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     if state.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
-    metrics = _Metrics(out_dir, state.rank == 0, state.step if ckpt is not None else None, tensorboard)
-    it = iter(state.loader)
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])  # after everything that draws random numbers while being built
-    setup_s = time.perf_counter() - t_setup
+    metrics = None
     start_step, images, last = state.step, 0, {}
-    t_run = time.perf_counter()
-    try:
+    try:  # from here on the loader's worker processes are stopped however the run ends (error, Ctrl-C, SIGTERM)
+        metrics = _Metrics(out_dir, state.rank == 0, state.step if ckpt is not None else None, tensorboard)
+        it = iter(state.loader)
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])  # after everything that draws random numbers while being built
+        setup_s = time.perf_counter() - t_setup
+        t_run = time.perf_counter()
         with progress_bar(total=state.stop, description="train", unit="steps", initial=state.step) as bar:
             while state.step < state.stop:
                 record = train_step(state, it)
@@ -320,7 +321,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
         wall = time.perf_counter() - t_run
         save_train_state(state, ["checkpoint.pt"])
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         state.loader.close()
     summary = {
         "steps": state.step - start_step, "first_step": start_step, "final_step": state.step,
