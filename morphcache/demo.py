@@ -194,13 +194,17 @@ def _train_students(stage: "_Stage", store: Path, out: Path, epochs: int, fast: 
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    """The optimizer step ``run_dir/checkpoint.pt`` holds; None without one."""
+    """The optimizer step ``run_dir/checkpoint.pt`` holds; None without one.
+
+    Raises:
+        MorphcacheError: the file is not a readable, resumable checkpoint (:func:`~morphcache.train.checkpoint.load_checkpoint`).
+    """
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
         return None
-    import torch
+    from morphcache.train.checkpoint import load_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    return int(load_checkpoint(path)["step"])
 
 
 def _evaluate_backbones(stage: "_Stage", data, runs: dict, out: Path, dataset: str, device: str,

@@ -57,7 +57,8 @@ def test_demo_training_checkpoints_and_resumes_an_interrupted_student(tmp_path, 
     monkeypatch.setattr(loop, "run_training", run_training)
     out = tmp_path / "demo"
     (out / "runs" / "tokenwise").mkdir(parents=True)  # interrupted after its checkpoint at step 100
-    torch.save({"step": 100}, out / "runs" / "tokenwise" / "checkpoint.pt")
+    resumable = {"model": {}, "config": {}, "optimizer": {}, "schedule": {}, "step": 100, "micro_step": 100, "rng": {}}
+    torch.save(resumable, out / "runs" / "tokenwise" / "checkpoint.pt")  # the keys load_checkpoint requires
     (out / "runs" / "tokenwise" / "checkpoint_step100.pt").write_bytes(b"")
     demo._train_students(demo._Stage([]), tmp_path / "store.zarr", out, epochs=10, fast=False, device="cpu")
     assert calls == [("tokenwise", demo.CHECKPOINT_EVERY, True), ("dtm", demo.CHECKPOINT_EVERY, False)]
@@ -106,3 +107,18 @@ def test_demo_report_section_says_where_the_data_came_from_and_what_the_cache_sa
     text = report.read_text()
     assert "token-wise student (knn), DTM student (knn) score below the random-weight student" in text
     assert "under-trained at this budget" in text
+
+
+def test_demo_refuses_a_damaged_student_checkpoint_in_one_line(tmp_path):
+    """The demo reads a student's step through load_checkpoint, so a file that is not a resumable checkpoint is a
+    one-line MorphcacheError naming it (it was a KeyError, an internal error, when read with torch.load directly)."""
+    import torch
+
+    from morphcache import demo
+    from morphcache.errors import MorphcacheError
+
+    run_dir = tmp_path / "runs" / "tokenwise"
+    run_dir.mkdir(parents=True)
+    torch.save({"weights": 1}, run_dir / "checkpoint.pt")
+    with pytest.raises(MorphcacheError, match="checkpoint.pt: not a resumable morphcache checkpoint"):
+        demo._checkpoint_step(run_dir)
