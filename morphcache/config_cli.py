@@ -69,17 +69,22 @@ def _registered(registry_name: str | None) -> str:
     return "registered: " + " | ".join(registries.names(getattr(registries, registry_name)))
 
 
+def _field_extra(field) -> dict:
+    return field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+
+
+def _flag_declarations(name: str, extra: dict, boolean: bool) -> list[str]:
+    """The typer declarations of field ``name``: its ``cli_flags`` (one string or a list of spellings), else the
+    generated ``--field-name`` (``--field-name/--no-field-name`` for a boolean)."""
+    flag = "--" + name.replace("_", "-")
+    flags = extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if boolean else flag)
+    return [str(f) for f in flags] if isinstance(flags, (list, tuple)) else [flags]
+
+
 def cli_flag(model: type[BaseModel], name: str) -> str:
-    """The flag a user types for field ``name`` of ``model``: the first of its ``cli_flags`` (``--dtm-case`` for
+    """The flag a user types for field ``name`` of ``model``: the first of its declarations (``--dtm-case`` for
     ``dtm_case_ranges``, ``--projected`` of ``--projected/--unprojected``), else the generated ``--field-name``."""
-    field = model.model_fields.get(name)
-    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
-    flags = extra.get("cli_flags")
-    if isinstance(flags, (list, tuple)) and flags:
-        return str(flags[0])
-    if isinstance(flags, str) and flags:
-        return flags.split("/")[0]
-    return "--" + name.replace("_", "-")
+    return _flag_declarations(name, _field_extra(model.model_fields.get(name)), boolean=False)[0].split("/")[0]
 
 
 class ConfigValues(dict):
@@ -120,18 +125,15 @@ def model_parameters(model: type[BaseModel], exclude: typing.Collection[str] = (
     for name, field in model.model_fields.items():
         if name in exclude:
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        extra = _field_extra(field)
         kind, allowed = _option_type(_CLI_TYPES[extra["cli_type"]] if "cli_type" in extra else field.annotation)
-        flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=False)
         if isinstance(default, list) and kind is str:  # a list typed as one string on the command line
             default = ",".join(map(str, default))
         notes = [n for n in (field.description, allowed, _registered(extra.get("cli_registry"))) if n]
         help_text = "; ".join(notes) + (" (required)" if field.is_required() else
                                         f" (default: {default})" if default is not None else "")
-        flags = extra.get("cli_flags") or (f"{flag}/--no-{flag[2:]}" if kind is bool else flag)
-        decls = list(flags) if isinstance(flags, (list, tuple)) else [flags]
-        option = typer.Option(*decls, help=help_text, show_default=False,
+        option = typer.Option(*_flag_declarations(name, extra, boolean=kind is bool), help=help_text, show_default=False,
                               metavar="<str>" if kind == list[str] else None)  # as before, not "<list[str]>"
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Annotated[typing.Optional[kind], option], default=None))
@@ -183,15 +185,19 @@ def validate_config(model: type[BaseModel], values: dict, source: str | None = N
         raise ConfigError(describe_error(model, values, exc, source)) from None
 
 
+def _missing_field(error: dict) -> bool:
+    """Whether a pydantic error is a required top-level field that was not given."""
+    return error["type"] == "missing" and len(error["loc"]) == 1
+
+
 def describe_error(model: type[BaseModel], values: dict, exc: ValidationError, source: str | None = None) -> str:
     """One line for ``exc`` (raised validating ``values`` against ``model``); see :func:`validate_config`."""
     errors = exc.errors()
     path = getattr(values, "config_file", None)
     prefix = getattr(values, "key_prefix", "")
     from_file = getattr(values, "from_file", lambda name: False)
-    missing = list(dict.fromkeys(str(e["loc"][0]) for e in errors
-                                 if e["type"] == "missing" and len(e["loc"]) == 1))
-    if errors[0]["type"] == "missing" and len(errors[0]["loc"]) == 1:
+    missing = list(dict.fromkeys(str(e["loc"][0]) for e in errors if _missing_field(e)))
+    if _missing_field(errors[0]):
         if path is not None and not getattr(values, "file_keys", ()) and not prefix:
             return f"{path} is empty; required: {', '.join(missing)}"
         s = "s" if len(missing) > 1 else ""
