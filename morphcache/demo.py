@@ -356,7 +356,7 @@ def _print_summary(summary: dict) -> None:
 
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="directory for images, store, runs, results and report")] = Path("demo_out"),
-    fast: Annotated[bool, typer.Option("--fast", help="a tiny run (two to three minutes on 2 CPU cores) for smoke tests")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="a tiny run (about 20 s on 2 idle CPU cores) for smoke tests")] = False,
     images: Annotated[Optional[int], typer.Option("--images", help="pretraining images (default 2000; 48 with --fast)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="pretraining epochs per student")] = None,
     eval_train: Annotated[Optional[int], typer.Option("--eval-train", help="labelled train images for k-NN/linear")] = None,
