@@ -176,6 +176,19 @@ def test_study_run_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
         result["knn_top1"] - json.loads((out / "runs" / runs[1] / "result.json").read_text())["knn_top1"])
     assert (out / "paired_differences.png").stat().st_size > 0
 
+    # the installed code replays both runs exactly (Q4's noise included), and a changed recording is caught
+    assert main(["study", "replay", "--out", str(out), "--steps", "2"]) == 0
+    replay = json.loads((out / "replay.json").read_text())
+    assert replay["all_identical"] and sorted(replay["runs"]) == runs
+    assert all(len(r["replayed"]) == 2 and r["max_abs_diff"] == 0.0 for r in replay["runs"].values())
+    metrics = out / "runs" / runs[0] / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[1]["loss"] += 1e-3
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["study", "replay", "--out", str(out), "--steps", "2", "--run", runs[0]]) == 1
+    assert json.loads((out / "replay.json").read_text())["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert "DIFFERENT" in capsys.readouterr().out
+
     # a re-run trains nothing: every run has its result.json
     import morphcache.train.loop as loop
 
@@ -205,3 +218,9 @@ def test_study_report_without_a_study_is_one_line(tmp_path, capsys):
     assert main(["study", "report", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "study.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_study_replay_refuses_a_folder_without_finished_runs(tmp_path, capsys):
+    assert main(["study", "replay", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0] and "no finished study run" in err[0]

@@ -1,4 +1,4 @@
-"""``morphcache study run | report``: the evidence study (see :mod:`morphcache.study.runner`)."""
+"""``morphcache study run | report | replay``: the evidence study (see :mod:`morphcache.study.runner`)."""
 
 from __future__ import annotations
 
@@ -60,3 +60,21 @@ def report_command(out: Annotated[Path, _OUT]) -> int:
     typer.echo((out / "tables.md").read_text())
     typer.echo(f"wrote {out / 'summary.json'} ({summary['finished_runs']} of {summary['planned_runs']} runs)")
     return 0
+
+
+@study_app.command("replay")
+def replay_command(
+    out: Annotated[Path, _OUT],
+    steps: Annotated[int, typer.Option(help="training steps replayed per run")] = 6,
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="run id to replay (repeatable; default: every finished run)")] = None,
+) -> int:
+    """Retrain the first --steps steps of finished runs with the installed code and compare their losses with the
+    recorded ones (replay.json); exit 1 when any step differs."""
+    from morphcache.study.replay import replay_study
+
+    record = replay_study(out, steps, run, log=lambda line: typer.echo(line, err=True))
+    for run_id, r in record["runs"].items():
+        typer.echo(f"{run_id}: max |loss difference| over {steps} steps {r['max_abs_diff']:.3g}")
+    verdict = "identical to the recorded runs" if record["all_identical"] else "DIFFERENT from the recorded runs"
+    typer.echo(f"wrote {out / 'replay.json'}: {len(record['runs'])} run(s) replayed, {verdict}")
+    return 0 if record["all_identical"] else 1
