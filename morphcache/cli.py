@@ -213,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _usage_error_line(exc) -> str:
+    """One line for a click usage error (click's own report is a usage block of several lines): the message and
+    the command whose --help lists what it takes."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    where = f"; see '{ctx.command_path} --help'" if ctx is not None and ctx.command_path else ""
+    return f"morphcache: error: {message}{where}"
+
+
 def _run(args: list[str], debug: bool, click_exit, click_error, click_abort) -> int:
     try:
         result = app(args=args, prog_name="morphcache", standalone_mode=False)
@@ -223,7 +232,7 @@ def _run(args: list[str], debug: bool, click_exit, click_error, click_abort) -> 
         interrupt = _interrupt_in(exc)  # typer: KeyboardInterrupt -> Exit(130), silently
         return _interrupted(interrupt) if interrupt is not None else int(exc.exit_code or 0)
     except click_error as exc:  # usage errors: unknown option or command, a value of the wrong type, no arguments
-        exc.show()
+        print(_usage_error_line(exc), file=sys.stderr)
         return 2
     except click_abort as exc:
         interrupt = _interrupt_in(exc)

@@ -92,7 +92,6 @@ def run_demo(
     from morphcache.device import resolve_device
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     n_images = n_images or (48 if fast else 2000)
     epochs = epochs or (1 if fast else 10)
     eval_train = eval_train or (60 if fast else 2000)
@@ -100,6 +99,8 @@ def run_demo(
     log: list[dict] = []
     stage = _Stage(log)
 
+    _refuse_other_demo(out, n_images)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = prepare_demo_images(out / "images", n_images)
     typer.secho(f"demo data: {data.n_images} images from {data.source} in {data.image_dir}", err=True)
@@ -119,6 +120,21 @@ def run_demo(
     append_demo_report(out / "report" / "report.md", summary)
     _print_summary(summary)
     return summary
+
+
+def _refuse_other_demo(out: Path, n_images: int) -> None:
+    """Refuse, before anything is written, an ``out`` whose store was made from other images (another --images,
+    or Fashion-MNIST appeared or went away): rewriting its image folder would leave a store it cannot resume."""
+    from morphcache.demo_data import demo_images_key, prepared_images_key
+    from morphcache.errors import ConfigError
+
+    old = prepared_images_key(out / "images")
+    if old is None or not (out / "store.zarr").exists() or old == demo_images_key(n_images):
+        return
+    count, _, source = old.split(" ", 2)
+    source = "photos" if source == "photos" else f"Fashion-MNIST from {source}"
+    raise ConfigError(f"{out}: holds a demo of {count} images ({source}); run with --images {count} (and the same "
+                      f"data) to resume it, or pass a new --out")
 
 
 def _extract_and_check(stage: "_Stage", data, store: Path, out: Path, views: int, fast: bool, device: str) -> float:

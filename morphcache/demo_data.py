@@ -98,6 +98,19 @@ def _photo_folder(out: Path, n_images: int, seed: int) -> DemoData:
     return DemoData(out, "digits", PHOTO_SOURCE, n_images)
 
 
+def demo_images_key(n_images: int, seed: int = 0) -> str:
+    """What :func:`prepare_demo_images` writes into ``.complete``: ``"<n_images> <seed> <Fashion-MNIST folder or
+    'photos'>"``; a folder with another key is rewritten."""
+    root = fashion_mnist_dir()
+    return f"{n_images} {seed} {root if _fashion_mnist_available(root) else 'photos'}"
+
+
+def prepared_images_key(out: str | Path) -> str | None:
+    """The key of the complete image folder ``out`` (see :func:`demo_images_key`), None when there is none."""
+    marker = Path(out) / ".complete"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
 def prepare_demo_images(out: str | Path, n_images: int, seed: int = 0) -> DemoData:
     """Write ``n_images`` real images under ``out`` (idempotent: an existing complete folder is reused).
 
@@ -111,7 +124,7 @@ def prepare_demo_images(out: str | Path, n_images: int, seed: int = 0) -> DemoDa
     if not use_fmnist and os.environ.get(FASHION_MNIST_ENV):  # the user asked for it: say why it is not used
         print(f"demo: {FASHION_MNIST_ENV}={root} holds no Fashion-MNIST (no train-images-idx3-ubyte* there); "
               f"falling back to {PHOTO_SOURCE}", file=sys.stderr)
-    key = f"{n_images} {seed} {root if use_fmnist else 'photos'}"
+    key = demo_images_key(n_images, seed)
     if marker.exists() and marker.read_text().strip() == key:
         n = sum(1 for _ in out.rglob("*.png"))
         if use_fmnist:

@@ -101,6 +101,9 @@ def test_usage_errors_are_bad_input_not_internal_errors(argv, message, capsys, t
     err = capsys.readouterr().err
     assert message in err and "internal error" not in err
     assert not list(tmp_path.glob("morphcache-error-*.log"))
+    # one line naming where to look (click printed a usage block of four lines; newcomer check, session 5)
+    (line,) = err.strip().splitlines()
+    assert line.startswith("morphcache: error: ") and "--help'" in line
 
 
 def test_no_arguments_shows_help_and_version_prints_it(capsys):

@@ -122,3 +122,24 @@ def test_demo_refuses_a_damaged_student_checkpoint_in_one_line(tmp_path):
     torch.save({"weights": 1}, run_dir / "checkpoint.pt")
     with pytest.raises(MorphcacheError, match="checkpoint.pt: not a resumable morphcache checkpoint"):
         demo._checkpoint_step(run_dir)
+
+
+def test_demo_over_a_demo_of_other_images_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Running the README's smaller demo into the folder of an interrupted full demo rewrote the 2000 images to
+    1000, then the store refused the run: the full demo's images were lost (newcomer check, session 5)."""
+    from morphcache.demo_data import demo_images_key
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "empty"))
+    out = tmp_path / "demo"
+    images = out / "images" / "0_photo"
+    images.mkdir(parents=True)
+    (images / "000001.png").write_bytes(b"kept")
+    (out / "images" / ".complete").write_text(demo_images_key(2000))
+    (out / "store.zarr").mkdir()
+    assert main(["demo", "--out", str(out), "--images", "1000", "--epochs", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a demo of 2000 images (photos)" in err[0] and "--images 2000" in err[0]
+    assert "new --out" in err[0]
+    assert (images / "000001.png").read_bytes() == b"kept"
+    assert sorted(p.name for p in out.iterdir()) == ["images", "store.zarr"]

@@ -379,3 +379,14 @@ def test_cli_transfer_writes_source_and_target_rows(tmp_path):
     assert [(r["protocol"], r.get("transfer_from")) for r in rows] == [
         ("knn", None), ("linear", None), ("knn", "digits?train=50&test=20"), ("linear", "digits?train=50&test=20")]
     assert rows[2]["config"]["n_classes"] == 2 and rows[2]["metrics"]["top1"] == 100.0  # flat colours: trivial
+
+
+def test_a_size_larger_than_the_split_is_named_as_used(capsys):
+    """digits has 1347 train / 450 test images: asking for 2000 / 1000 used all of them, but result rows and the
+    demo's report named the sizes asked for (newcomer check, session 5)."""
+    data = load_dataset("digits?train=2000&test=1000&seed=0")
+    assert len(data.train_labels) == 1347 and len(data.test_labels) == 450
+    assert data.name == "digits?train=1347&test=450&seed=0"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "train=2000 asks for more than the 1347 train images" in err[0]
+    assert load_dataset("digits?train=100&test=1000").name == "digits?train=100&test=450"

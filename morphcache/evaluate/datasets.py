@@ -24,6 +24,8 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
@@ -327,7 +329,19 @@ def _splits(spec: str, train, test, classes, params: dict, skipped=()) -> Datase
     if n_test is not None:
         keep = stratified_subset(y_te, n_test, seed + 1)
         x_te, y_te = x_te[keep], y_te[keep]
-    return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), spec, tuple((str(p), r) for p, r in skipped))
+    name = _name_with_sizes_used(spec, {"train": (n_train, len(y_tr)), "test": (n_test, len(y_te))})
+    return DatasetSplits(x_tr, y_tr, x_te, y_te, tuple(classes), name, tuple((str(p), r) for p, r in skipped))
+
+
+def _name_with_sizes_used(spec: str, sizes: dict[str, tuple[int | None, int]]) -> str:
+    """``spec`` with every ``train=`` / ``test=`` that asked for more images than the split holds replaced by the
+    number used, and one stderr line per replacement: result rows name the data they were computed on."""
+    for key, (asked, used) in sizes.items():
+        if asked is not None and used < asked:
+            print(f"dataset {spec}: {key}={asked} asks for more than the {used} {key} images it holds; using "
+                  f"{used}", file=sys.stderr)
+            spec = re.sub(rf"(?<=[?&]){key}={asked}(?=&|$)", f"{key}={used}", spec)
+    return spec
 
 
 def _folder_arg(spec: str, kind: str, arg: str | None) -> Path:
