@@ -208,3 +208,16 @@ def test_an_objective_registered_in_a_test_trains_through_the_engine(store_path,
     assert summary["steps"] == 3 and summary["objective"] == "masked_l2"
     assert seen and all(keys == ["images", "rng", "targets"] for keys in seen)
     assert np.isfinite(_losses(tmp_path / "toy")).all()
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(store_path, tmp_path, capsys):
+    """`train --resume` on a finished run overwrote summary.json with a summary of zero steps and a null final loss
+    (newcomer check, session 5)."""
+    cfg = _config(store_path, objective="tokenwise", max_steps=2)
+    first = run_training(cfg, tmp_path / "run", tensorboard=False, show_progress=False)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    capsys.readouterr()
+    again = run_training(cfg, tmp_path / "run", resume=True, tensorboard=False, show_progress=False)
+    assert again["steps"] == first["steps"] == 2 and again["final_loss"] == first["final_loss"] is not None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+    assert "already finished at step 2 of 2; nothing to do" in capsys.readouterr().err

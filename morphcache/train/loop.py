@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,20 @@ def train_step(state: TrainState, batches) -> dict:
             "images_per_s": n_img / dt, "step_s": dt, "data_s": data_s, "grad_norm": grad_norm, **last}
 
 
+def _finished_run_summary(state: TrainState) -> dict:
+    """A resumed run that has already reached its last step trains nothing and keeps its files (its
+    ``summary.json`` was overwritten with a summary of zero steps); returns the run's summary."""
+    state.loader.close()
+    if state.rank == 0:
+        print(f"train: {state.out_dir} already finished at step {state.step} of {state.stop}; nothing to do "
+              "(raise --epochs or --max-steps to train further)", file=sys.stderr)
+    path = state.out_dir / "summary.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"steps": 0, "first_step": state.step, "final_step": state.step, "total_steps": state.total_steps,
+            "images": 0, "wall_seconds": 0.0, "images_per_s": 0.0, "final_loss": None}
+
+
 def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, img_size: int | None = None,
                  image_root: str | None = None, tensorboard: bool = True, show_progress: bool = True,
                  teacher_weights: str | None = None, device: str | None = None, target_transform=None) -> dict:
@@ -293,6 +308,8 @@ def run_training(config: RunConfig, out_dir: str | os.PathLike, resume: bool = F
     state, ckpt = build_train_state(config, out_dir, resume, img_size, image_root, teacher_weights, device)
     state.target_transform = target_transform
     config, out_dir = state.config, state.out_dir
+    if ckpt is not None and state.step >= state.stop:
+        return _finished_run_summary(state)
     if state.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
