@@ -224,3 +224,31 @@ def test_study_replay_refuses_a_folder_without_finished_runs(tmp_path, capsys):
     assert main(["study", "replay", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path) in err[0] and "no finished study run" in err[0]
+
+
+def test_q1_cost_averages_only_the_seeds_the_live_teacher_ran(tmp_path):
+    """Two extra Q2 seeds of V = 8, run while another job shared the cores, took the V = 8 cache's mean training
+    time from 210 s to 555 s and its cost ratio against the live teacher from 1.49 to 0.95 (session 5)."""
+    from morphcache.study.report import summarize
+
+    sizes = StudySizes(images=64, views=2, epochs=2, q1_seeds=1, q2_seeds=2, questions=("q1", "q2"))
+    plan = build_plan(sizes)
+    out = tmp_path / "study"
+    (out / "stores").mkdir(parents=True)
+    (out / "stores" / "int8.json").write_text(json.dumps({"seconds_per_view": 0.0, "cpu_seconds_per_view": 0.0}))
+    (out / "study.json").write_text(json.dumps({
+        "sizes": sizes.to_dict(), "data": {}, "eval_dataset": "digits", "teacher": {}, "student": {},
+        "runs": [{"run_id": r.run_id, "setting": r.setting.key, "seed": r.seed} for r in plan.runs],
+        "comparisons": [c.to_dict() for c in plan.comparisons], "questions": plan.questions,
+        "settings": {k: s.to_dict() for k, s in plan.settings().items()}}))
+    for run in plan.runs:
+        wall = 1000.0 if run.seed == 1 else (300.0 if run.setting.live else 100.0)
+        (out / "runs" / run.run_id).mkdir(parents=True)
+        (out / "runs" / run.run_id / "result.json").write_text(json.dumps({
+            "run_id": run.run_id, "setting": run.setting.to_dict(), "seed": run.seed, "train_cpu_seconds": wall,
+            "train": {"wall_seconds": wall, "final_step": 10}, "knn_top1": 50.0, "linear_top1": 50.0}))
+    summary = summarize(out)
+    v2 = next(r for r in summary["q1"]["caches"] if r["views"] == 2)
+    assert summary["settings"][v2["setting"]]["seeds"] == [0, 1]  # Q2 ran a second seed of this setting
+    assert v2["seeds"] == [0] and v2["train_seconds"] == 100.0
+    assert v2["live_over_cache_training"] == 3.0 and v2["live_over_cache_cpu_total"] == 3.0

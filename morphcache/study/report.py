@@ -84,43 +84,62 @@ def summarize(out: str | Path) -> dict:
     summary = {"study": {k: study[k] for k in ("sizes", "data", "eval_dataset", "teacher", "student")},
                "finished_runs": len(results), "planned_runs": len(study["runs"]),
                "settings": settings, "comparisons": comparisons, "stores": stores,
-               "noise": _read(out / "noise.json"), "q1": _q1(study, settings, comparisons, stores)}
+               "noise": _read(out / "noise.json"), "q1": _q1(study, settings, comparisons, stores, runs)}
     for name in REFERENCES:
         ref = _read(out / f"{name}.json")
         summary[name] = {m: ref[m] for m in METRICS} if ref is not None else None
     return summary
 
 
-def _q1(study: dict, settings: dict, comparisons: list[dict], stores: dict) -> dict | None:
-    """Cost of each cache vs the live teacher, and the smallest V within noise of it."""
+def _seed_mean(seeds: dict[int, dict], use: list[int], value) -> float | None:
+    """Mean of ``value(result)`` over the seeds ``use`` of one setting; None when a seed lacks the value."""
+    values = [value(seeds[s]) for s in use]
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def _cost(seeds: dict[int, dict], use: list[int]) -> dict:
+    """Wall, fastest-step and CPU seconds of one setting's training, means over the seeds ``use``."""
+    return {"train_seconds": _seed_mean(seeds, use, lambda r: r["train"]["wall_seconds"]),
+            "step_seconds_min": _seed_mean(seeds, use, lambda r: r.get("step_seconds_min")),
+            "train_cpu_seconds": _seed_mean(seeds, use, lambda r: r.get("train_cpu_seconds"))}
+
+
+def _q1(study: dict, settings: dict, comparisons: list[dict], stores: dict, runs: dict) -> dict | None:
+    """Cost of each cache vs the live teacher, and the smallest V within noise of it.
+
+    A cache's cost is averaged over the seeds the live teacher also ran (Q1's own pairs): a seed added for another
+    question (Q2's extra V = 8 seeds, say) may have run under other load and does not enter Q1's cost."""
     if "q1" not in study["questions"]:
         return None
     live_key = next((k for k in study["questions"]["q1"] if settings[k]["setting"]["live"]), None)
-    live = settings.get(live_key, {})
+    live_seeds = runs.get(live_key, {})
+    live = _cost(live_seeds, sorted(live_seeds))
     per_view = stores.get("int8", {}).get("seconds_per_view")
+    cpu_view = stores.get("int8", {}).get("cpu_seconds_per_view")
     n_images = study["sizes"]["images"]
     rows = []
     for key in study["questions"]["q1"]:
-        s = settings[key]
-        if key == live_key or "train_seconds" not in s:
+        seeds = runs.get(key, {})
+        use = sorted(set(seeds) & set(live_seeds)) or sorted(seeds)
+        if key == live_key or not use:
             continue
-        V = s["setting"]["views_used"]
+        cost = _cost(seeds, use)
+        V = settings[key]["setting"]["views_used"]
         extract_s = per_view * n_images * V if per_view is not None else None
-        total = s["train_seconds"]["mean"] + (extract_s or 0.0)
-        row = {"setting": key, "views": V, "train_seconds": s["train_seconds"]["mean"], "extract_seconds": extract_s,
-               "total_seconds": total}
-        if "train_seconds" in live:
-            row["live_over_cache_training"] = live["train_seconds"]["mean"] / s["train_seconds"]["mean"]
-            row["live_over_cache_total"] = live["train_seconds"]["mean"] / total
-        if "step_seconds_min" in s and "step_seconds_min" in live:
-            row["live_over_cache_fastest_step"] = live["step_seconds_min"]["mean"] / s["step_seconds_min"]["mean"]
-        cpu_view = stores.get("int8", {}).get("cpu_seconds_per_view")
-        if "train_cpu_seconds" in s and cpu_view is not None:
-            row["train_cpu_seconds"] = s["train_cpu_seconds"]["mean"]
+        total = cost["train_seconds"] + (extract_s or 0.0)
+        row = {"setting": key, "views": V, "seeds": use, "train_seconds": cost["train_seconds"],
+               "extract_seconds": extract_s, "total_seconds": total}
+        if live["train_seconds"] is not None:
+            row["live_over_cache_training"] = live["train_seconds"] / cost["train_seconds"]
+            row["live_over_cache_total"] = live["train_seconds"] / total
+        if cost["step_seconds_min"] is not None and live["step_seconds_min"] is not None:
+            row["live_over_cache_fastest_step"] = live["step_seconds_min"] / cost["step_seconds_min"]
+        if cost["train_cpu_seconds"] is not None and cpu_view is not None:
+            row["train_cpu_seconds"] = cost["train_cpu_seconds"]
             row["extract_cpu_seconds"] = cpu_view * n_images * V
             row["total_cpu_seconds"] = row["train_cpu_seconds"] + row["extract_cpu_seconds"]
-            if "train_cpu_seconds" in live:
-                row["live_over_cache_cpu_total"] = live["train_cpu_seconds"]["mean"] / row["total_cpu_seconds"]
+            if live["train_cpu_seconds"] is not None:
+                row["live_over_cache_cpu_total"] = live["train_cpu_seconds"] / row["total_cpu_seconds"]
         cmp = next((c for c in comparisons if c["question"] == "q1" and c["a"] == key), None)
         if cmp is not None and all(m in cmp for m in METRICS):
             # within noise: every protocol's paired interval reaches 0 or lies above it
@@ -128,8 +147,8 @@ def _q1(study: dict, settings: dict, comparisons: list[dict], stores: dict) -> d
                                               for m in METRICS)
         rows.append(row)
     within = [r["views"] for r in rows if r.get("within_noise_of_live")]
-    return {"live": live_key, "live_train_seconds": live.get("train_seconds", {}).get("mean"),
-            "live_train_cpu_seconds": live.get("train_cpu_seconds", {}).get("mean"), "caches": rows,
+    return {"live": live_key, "live_train_seconds": live["train_seconds"],
+            "live_train_cpu_seconds": live["train_cpu_seconds"], "caches": rows,
             "smallest_views_within_noise": min(within) if within else None}
 
 
@@ -159,7 +178,8 @@ def tables_markdown(summary: dict) -> str:
                      f"{k['excludes_zero']}, {li['excludes_zero']} |")
     q1 = summary.get("q1")
     if q1 and q1["caches"]:
-        lines += ["", "Q1 cost (wall and CPU seconds; extraction share = V views per image of the store's extraction):",
+        lines += ["", "Q1 cost (wall and CPU seconds, means over the seeds the live teacher also ran; extraction share = "
+                  "V views per image of the store's extraction):",
                   "", "| V | extraction share s | training s | total s | live training / cache total | "
                   "CPU total s | live / cache, CPU | live / cache, fastest training step |",
                   "|---|---|---|---|---|---|---|---|"]
