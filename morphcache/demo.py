@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -50,7 +51,7 @@ class _Stage:
         self.log = log
 
     def __call__(self, name: str, command: list[str], run):
-        typer.secho(f"\n== {name}: morphcache {' '.join(command)}", bold=True, err=True)
+        typer.secho(f"\n== {name}: {shlex.join(['morphcache', *command])}", bold=True, err=True)  # pastes into a shell
         t0 = time.perf_counter()
         result = run()
         seconds = time.perf_counter() - t0

@@ -131,3 +131,14 @@ def test_replay_check_refuses_an_unknown_renderer_before_printing_anything(tmp_p
     assert main(["store", "replay-check", str(tmp_path / "s.zarr"), "--renderer", "nosuch"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == "morphcache: error: --renderer 'nosuch': use one of dali, dali-cpu, pil"
+
+
+@pytest.mark.parametrize("extra", [["--checkpoint", "missing.pt", "--dataset", "digits?train=20&test=10"],
+                                   ["--checkpoint", "random:vit_tiny_patch16", "--img-size", "32",
+                                    "--dataset", "digits?train=abc"]])
+def test_eval_refusals_are_the_only_line(extra, capsys, tmp_path):
+    """eval printed its 'eval: device cpu (auto), ...' line on stdout before refusing a missing checkpoint or a bad
+    dataset size (second newcomer check, session 5)."""
+    assert main(["eval", "knn", *extra, "--results", str(tmp_path / "r.jsonl")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("morphcache: error: ")

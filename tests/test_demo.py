@@ -143,3 +143,18 @@ def test_demo_over_a_demo_of_other_images_is_refused_before_anything_is_written(
     assert "new --out" in err[0]
     assert (images / "000001.png").read_bytes() == b"kept"
     assert sorted(p.name for p in out.iterdir()) == ["images", "store.zarr"]
+
+
+def test_the_commands_the_demo_prints_paste_into_a_shell(capsys):
+    """The demo printed `--dataset fashion-mnist:DIR?train=2000&test=1000` unquoted: pasted into bash, the `&` sent
+    the command to the background without its sizes (second newcomer check, session 5)."""
+    import shlex
+
+    from morphcache.demo import _Stage
+
+    log: list[dict] = []
+    command = ["eval", "frozen", "--dataset", "fashion-mnist:/d?train=2000&test=1000", "--results", "out dir/e.jsonl"]
+    _Stage(log)("eval", command, lambda: None)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert shlex.split(line.split(": ", 1)[1]) == ["morphcache", *command]
+    assert log[0]["command"] == ["morphcache", *command]

@@ -47,17 +47,20 @@ def run_eval_command(model: type[EvalOptions], values: dict) -> int:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device, allowed=("fp32", "bf16"))
-    typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
     path = options.results_path()
     resolved = options.model_copy(update={"precision": precision, "device": device, "results": str(path)})
     settings = resolved.settings(precision, device)
     pooling = {"pooling": options.pooling} if "pooling" in model.model_fields else {}
     backbone = load_backbone(options.checkpoint, options.img_size, **pooling).to(device)
     artifacts: dict = {}
+    # the device line comes after everything that can refuse bad input (checkpoint, dataset), so a refusal is the
+    # command's only line
     if options.COMMAND == "transfer":
+        typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
         rows = run_transfer(backbone, options.dataset, options.to, options.protocols, settings, options.source)
     else:
         data = seg_data if segment else load_dataset(options.dataset, backbone.img_size)
+        typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
         rows = run_protocols(options.PROTOCOLS, backbone, data, settings, artifacts=artifacts)
     write_resolved_config(resolved, path)
     for row in rows:

@@ -64,7 +64,7 @@ def report_command(out: Annotated[Path, _OUT]) -> int:
 
 @study_app.command("replay")
 def replay_command(
-    out: Annotated[Path, _OUT],
+    out: Annotated[Path, typer.Option("--out", help="study directory holding finished runs (gains replay.json)")],
     steps: Annotated[int, typer.Option(help="training steps replayed per run")] = 6,
     run: Annotated[Optional[list[str]], typer.Option("--run", help="run id to replay (repeatable; default: every finished run)")] = None,
 ) -> int:
