@@ -25,9 +25,11 @@ def write_images(folder: Path, n: int) -> Path:
 
 
 def done_chunks(store: Path) -> int:
-    """Chunks whose progress flag file exists (zarr v3 default chunk keys: progress/c/<i>)."""
+    """Chunks whose progress flag file exists (zarr v3 default chunk keys: progress/c/<i>). zarr writes each chunk
+    file as ``<i>.<uuid>.partial`` and renames it, so a listing taken mid-write holds such names too: counting them
+    made a CI run kill extract with only 2 chunks done."""
     d = store / "progress" / "c"
-    return len(os.listdir(d)) if d.is_dir() else 0
+    return sum(name.isdigit() for name in os.listdir(d)) if d.is_dir() else 0
 
 
 def arrays(path) -> dict:
