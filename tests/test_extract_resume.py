@@ -13,7 +13,7 @@ import pytest
 
 from morphcache.cli import main
 from morphcache.testing.images import write_noise_pngs
-from morphcache.testing.stores import store_arrays
+from morphcache.testing.stores import done_chunk_files, store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4", "--threads", "1",
         "--chunk-images", "1", "--dtype", "int8", "--seed", "3"]
@@ -22,14 +22,6 @@ N_IMAGES = 30
 
 def write_images(folder: Path, n: int) -> Path:
     return write_noise_pngs(folder, n, seed=1, prefix="p")
-
-
-def done_chunks(store: Path) -> int:
-    """Chunks whose progress flag file exists (zarr v3 default chunk keys: progress/c/<i>). zarr writes each chunk
-    file as ``<i>.<uuid>.partial`` and renames it, so a listing taken mid-write holds such names too: counting them
-    made a CI run kill extract with only 2 chunks done."""
-    d = store / "progress" / "c"
-    return sum(name.isdigit() for name in os.listdir(d)) if d.is_dir() else 0
 
 
 def arrays(path) -> dict:
@@ -45,7 +37,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
-        while done_chunks(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        while done_chunk_files(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, f"extract ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
         os.kill(proc.pid, signal.SIGKILL)
@@ -67,3 +59,11 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     for name in a:
         assert a[name] == b[name], f"array {name} differs after resume"
     assert FeatureStore.open(killed).is_complete()
+
+
+def test_done_chunk_files_ignores_zarr_partial_writes(tmp_path):
+    d = tmp_path / "progress" / "c"
+    d.mkdir(parents=True)
+    for name in ("0", "1", "2.5f0c.partial"):
+        (d / name).write_bytes(b"\x01")
+    assert done_chunk_files(tmp_path) == 2 and done_chunk_files(tmp_path / "nothing") == 0

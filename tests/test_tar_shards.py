@@ -23,7 +23,7 @@ from PIL import Image
 
 from morphcache.cli import main
 from morphcache.errors import BadImageError, MorphcacheError
-from morphcache.testing.stores import store_arrays
+from morphcache.testing.stores import done_chunk_files, store_arrays
 
 ARGS = ["--teacher", "timm:vit_tiny_patch16_224", "--image-size", "32", "--views", "2", "--batch-size", "4",
         "--threads", "1", "--chunk-images", "2", "--dtype", "int8", "--seed", "3"]
@@ -358,9 +358,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 240
-    progress = killed / "progress" / "c"
     try:
-        while (not progress.is_dir() or len(os.listdir(progress)) < 3) and proc.poll() is None and time.monotonic() < deadline:
+        while done_chunk_files(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, f"extract ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
         os.kill(proc.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ features have a few outlier channels). Data depend only on (seed, chunk), so any
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,14 @@ def make_store(path, n_images: int = 6, views: int = 2, dtype: str = "int8", chu
 def expected_tokens(spec: StoreSpec, seed: int = 0, skipped: tuple[int, ...] = ()) -> np.ndarray:
     """The float32 tokens (R, T, D) that ``make_store`` fed to write_chunk, before quantization."""
     return np.concatenate([make_chunk(spec, c, seed, skipped)[0] for c in range(spec.n_chunks)], axis=0)
+
+
+def done_chunk_files(store: str | Path) -> int:
+    """How many chunks of a store being written have their progress flag file (``progress/c/<i>``), read from the
+    folder listing while a writer runs. zarr writes each chunk file as ``<i>.<uuid>.partial`` and renames it, so
+    only all-digit names count: counting the ``.partial`` names killed kill -9 tests one chunk early in CI."""
+    d = Path(store) / "progress" / "c"
+    return sum(name.isdigit() for name in os.listdir(d)) if d.is_dir() else 0
 
 
 def store_arrays(path) -> dict:
