@@ -125,7 +125,7 @@ def prepare_demo_images(out: str | Path, n_images: int, seed: int = 0) -> DemoDa
         print(f"demo: {FASHION_MNIST_ENV}={root} holds no Fashion-MNIST (no train-images-idx3-ubyte* there); "
               f"falling back to {PHOTO_SOURCE}", file=sys.stderr)
     key = demo_images_key(n_images, seed)
-    if marker.exists() and marker.read_text().strip() == key:
+    if prepared_images_key(out) == key:
         n = sum(1 for _ in out.rglob("*.png"))
         if use_fmnist:
             return DemoData(out, f"fashion-mnist:{root}", f"{FASHION_MNIST_SOURCE} ({root})", n)

@@ -53,14 +53,14 @@ def run_eval_command(model: type[EvalOptions], values: dict) -> int:
     pooling = {"pooling": options.pooling} if "pooling" in model.model_fields else {}
     backbone = load_backbone(options.checkpoint, options.img_size, **pooling).to(device)
     artifacts: dict = {}
+    transfer = options.COMMAND == "transfer"
+    data = None if transfer else seg_data if segment else load_dataset(options.dataset, backbone.img_size)
     # the device line comes after everything that can refuse bad input (checkpoint, dataset), so a refusal is the
     # command's only line
-    if options.COMMAND == "transfer":
-        typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
+    typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
+    if transfer:
         rows = run_transfer(backbone, options.dataset, options.to, options.protocols, settings, options.source)
     else:
-        data = seg_data if segment else load_dataset(options.dataset, backbone.img_size)
-        typer.echo(f"eval: {describe(device, precision, options.device, options.precision)}")
         rows = run_protocols(options.PROTOCOLS, backbone, data, settings, artifacts=artifacts)
     write_resolved_config(resolved, path)
     for row in rows:

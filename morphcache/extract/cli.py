@@ -75,9 +75,8 @@ def replay_check_command(
 ) -> int:
     """Re-render stored views, re-run the teacher, report per-token cosine against the cache (exit 1 below goal)."""
     from morphcache.device import resolve_device
-    from morphcache.extract.replay import replay_check
-
     from morphcache.extract.renderers import renderer_placement
+    from morphcache.extract.replay import replay_check
 
     chosen = resolve_device(device)
     renderer_placement(renderer, chosen)  # an unknown --renderer is refused before anything is printed

@@ -28,14 +28,9 @@ from morphcache.errors import ConfigError
 
 def recorded_losses(run_dir: Path, steps: int) -> list[float]:
     """The first ``steps`` training losses of ``run_dir/metrics.jsonl`` (one per optimiser step)."""
-    losses = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row and "step" in row:
-            losses.append(float(row["loss"]))
-        if len(losses) == steps:
-            break
-    return losses
+    from morphcache.evaluate.report import load_metrics
+
+    return [float(row["loss"]) for row in load_metrics(run_dir)[:steps]]
 
 
 def finished_runs(out: Path) -> list[str]:
